@@ -1,0 +1,1 @@
+"""Training data: reading triple files and drawing global batches from them."""

@@ -1,0 +1,89 @@
+"""The builtin demonstration model: a tiny BERT with a WordPiece vocabulary learnt from koe5's own
+Korean sample, built on first use and cached. It lets the quickstart and the tests train for real,
+offline, in minutes on a CPU. It is not a useful embedding model; point `model.name_or_path` at
+`intfloat/multilingual-e5-large` (or any local Hugging Face directory) for real work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+BUILTIN_NAME = "builtin:tiny-ko-bert"
+SAMPLE_TRAIN = Path(__file__).parent / "assets" / "ko_sample" / "train.jsonl"
+
+# Changing any of these changes the cache key, so an old cached build is never reused by mistake.
+BUILD_VERSION = 1
+CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
+              max_position_embeddings=512, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+VOCAB_SIZE = 4000
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KOE5_CACHE", Path.home() / ".cache" / "koe5"))
+
+
+def _sample_texts() -> list[str]:
+    texts = []
+    with open(SAMPLE_TRAIN, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            texts += [row["query"], row["document"], row["hard_negative"]]
+    return texts
+
+
+def build_demo_model(cache_dir: Path | None = None) -> Path:
+    """Directory of the demo model, building it if this exact recipe has not been built yet."""
+    from filelock import FileLock
+
+    key = hashlib.sha256(SAMPLE_TRAIN.read_bytes() + json.dumps([BUILD_VERSION, CONFIG, VOCAB_SIZE]).encode())
+    target = (cache_dir or cache_root() / "models") / f"tiny-ko-bert-{key.hexdigest()[:12]}"
+    done = target / ".complete"
+    if done.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Ranks of one job (and parallel tests) may all ask at once: one builds, the others wait.
+    with FileLock(str(target) + ".lock"):
+        if not done.exists():
+            _build(target)
+    return target
+
+
+def _build(target: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    # No accent stripping and no lowercasing: NFD accent stripping would split Hangul syllables into jamo.
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=False, lowercase=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=VOCAB_SIZE, min_frequency=1,
+                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.train_from_iterator(_sample_texts(), trainer=trainer)
+    tokenizer = BertTokenizerFast(tokenizer_object=tok, do_lower_case=False, strip_accents=False,
+                                  model_max_length=CONFIG["max_position_embeddings"])
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+
+    with torch.random.fork_rng():  # a fixed init that leaves the caller's RNG untouched
+        torch.manual_seed(0)
+        model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, **CONFIG), add_pooling_layer=False)
+
+    # Build beside the target, then move it in and mark it complete last: a crash mid-build leaves
+    # no directory that looks finished.
+    shutil.rmtree(target, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+        (target / ".complete").touch()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

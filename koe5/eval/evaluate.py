@@ -1,0 +1,161 @@
+"""Evaluate an encoder on one benchmark: encode queries and passages, search, score.
+
+The encoder is passed as two callables so this module knows nothing about models, prefixes or
+devices: `encode_queries(texts)` and `encode_passages(texts)` return float32 [n, dim] arrays, already
+prefixed and (if the model normalizes) L2-normalized. Scores are inner products.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from koe5.eval.benchmark import Benchmark
+from koe5.eval.metrics import MetricResult, compute_metrics
+from koe5.eval.search import search
+
+Encode = Callable[[list[str]], np.ndarray]
+
+
+@dataclass
+class EvalResult:
+    benchmark: str
+    fingerprint: str
+    metrics: MetricResult
+    n_queries: int  # queries in the means (judged queries with a relevant document)
+    seconds: dict[str, float]  # phase -> wall seconds: encode_queries, encode_passages, search, metrics
+
+
+def _encode(fn: Encode, texts: list[str], what: str) -> np.ndarray:
+    emb = np.asarray(fn(texts), dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[0] != len(texts):
+        raise ValueError(f"encoding {len(texts)} {what} returned an array of shape {emb.shape}; expected [{len(texts)}, dim]")
+    return emb
+
+
+def evaluate(encode_queries: Encode, encode_passages: Encode, benchmark: Benchmark, ks: Sequence[int],
+             index: str = "flat") -> EvalResult:
+    """`index="hnsw"` searches approximately (large corpora); the default is exact, as MTEB is."""
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[phase] = now - clock
+        clock = now
+
+    q_emb = _encode(encode_queries, benchmark.query_texts, "queries")
+    lap("encode_queries")
+    p_emb = _encode(encode_passages, benchmark.corpus_texts, "passages")
+    lap("encode_passages")
+    hits = search(q_emb, p_emb, max(ks), index=index)
+    run = {
+        qid: {benchmark.corpus_ids[i]: float(s) for i, s in zip(idx, scores)}
+        for qid, (idx, scores) in zip(benchmark.query_ids, hits)
+    }
+    lap("search")
+    metrics = compute_metrics(run, benchmark.qrels, ks)
+    lap("metrics")
+    return EvalResult(
+        benchmark=benchmark.name,
+        fingerprint=benchmark.fingerprint,
+        metrics=metrics,
+        n_queries=metrics.n_queries,
+        seconds=seconds,
+    )
+
+
+# ---- embedding cache ----
+
+def cached(encode: Encode, cache_dir: str, key: dict) -> Encode:
+    """Wrap `encode` so its output is kept on disk and reused for the same texts and settings.
+
+    `key` must name everything besides the texts that changes the embeddings: the model's content
+    hash, prefix, max length, pooling, normalization, device kind (bf16 on GPU differs from fp32 on CPU).
+    The texts themselves are hashed at call time, so a changed corpus never hits a stale entry.
+    """
+    def wrapped(texts: list[str]) -> np.ndarray:
+        h = hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        for t in texts:
+            h.update(t.encode("utf-8"))
+            h.update(b"\0")
+        path = os.path.join(cache_dir, h.hexdigest()[:32] + ".npy")
+        if os.path.exists(path):
+            emb = np.load(path)
+            if emb.shape[0] == len(texts):
+                return emb
+        emb = np.asarray(encode(texts), dtype=np.float32)
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"  # write then rename: a crash never leaves half a file
+        with open(tmp, "wb") as f:
+            np.save(f, emb)
+        os.replace(tmp, path)
+        return emb
+
+    return wrapped
+
+
+# ---- artifacts ----
+
+def per_query_rows(result: EvalResult) -> list[dict]:
+    """One row per query: the rank of its first relevant document and every per-query metric.
+    Queries left out of the means (no relevant document) appear with `excluded` true and no metrics."""
+    m = result.metrics
+    rows = []
+    for qid, values in m.per_query.items():
+        rows.append({"benchmark": result.benchmark, "fingerprint": result.fingerprint, "qid": qid,
+                     "excluded": False, "first_relevant_rank": m.first_relevant_rank.get(qid), **values})
+    for qid in m.excluded:
+        rows.append({"benchmark": result.benchmark, "fingerprint": result.fingerprint, "qid": qid,
+                     "excluded": True, "first_relevant_rank": None})
+    return rows
+
+
+def write_per_query(result: EvalResult, path: str) -> str:
+    """Write per-query results as Parquet (path ending .parquet) or JSON Lines (anything else)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    rows = per_query_rows(result)
+    if path.endswith(".parquet"):
+        import pandas as pd
+
+        pd.DataFrame(rows).to_parquet(path, index=False)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def mteb_scores(result: EvalResult) -> dict:
+    """Scores named as MTEB names them (`ndcg_at_10`, fractions), plus koe5's F1 and bookkeeping."""
+    scores = {f"{m}_at_{k}": v for (m, k), v in sorted(result.metrics.aggregate.items())}
+    main_k = 10 if 10 in result.metrics.ks else max(result.metrics.ks)
+    scores["main_score"] = result.metrics.aggregate[("ndcg", main_k)]
+    scores["hf_subset"] = "default"
+    scores["languages"] = ["kor-Hang"]
+    return scores
+
+
+def write_mteb_json(result: EvalResult, directory: str, model_name: str, split: str = "test") -> str:
+    """Write `<directory>/<benchmark>.json` in the layout of MTEB's result files."""
+    os.makedirs(directory, exist_ok=True)
+    doc = {
+        "task_name": result.benchmark,
+        "model_name": model_name,
+        "dataset_fingerprint": result.fingerprint,  # koe5's content hash of the benchmark
+        "evaluation_time": sum(result.seconds.values()),
+        "n_queries": result.metrics.n_queries,
+        "n_excluded_queries": result.metrics.n_excluded,
+        "scores": {split: [mteb_scores(result)]},
+    }
+    path = os.path.join(directory, f"{result.benchmark}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, ensure_ascii=False, indent=2)
+    return path

@@ -1,0 +1,372 @@
+"""`koe5 ls | show | compare | diff | best | export | sql | rm`: query the run registry from the shell.
+
+Every command reads through short read-only connections (rm writes under the write lock), accepts a
+unique prefix of a run id, prints errors as one paragraph on stderr and returns exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import duckdb
+import yaml
+
+from koe5.registry.connect import RegistryError
+from koe5.registry.store import STATUSES, Registry, parse_metric
+
+# Statement kinds `koe5 sql` accepts (SHOW, DESCRIBE, SUMMARIZE and FROM-first queries parse as SELECT).
+READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    """Plain aligned text table; None prints as '-'."""
+    cells = [[("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)) for v in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def _cli_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn the errors a user can cause into one message on stderr and exit status 2."""
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return func(args) or 0
+        except RegistryError as e:
+            print(f"koe5 {args.command}: {e}", file=sys.stderr)
+        except duckdb.Error as e:
+            print(f"koe5 {args.command}: the query failed: {e}", file=sys.stderr)
+        except OSError as e:
+            print(f"koe5 {args.command}: {e}", file=sys.stderr)
+        return 2
+    return wrapper
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    return Registry(args.registry)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': [1, 2]}} -> {'a.b[0]': 1, 'a.b[1]': 2}: every leaf under its spec key path."""
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(obj, list) and obj:
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: obj}
+
+
+def spec_diff(yaml_a: str, yaml_b: str) -> list[tuple[str, Any, Any]]:
+    """(key path, value in a, value in b) for every key path whose value differs; missing keys are None."""
+    a, b = flatten(yaml.safe_load(yaml_a) or {}), flatten(yaml.safe_load(yaml_b) or {})
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) or (k in a) != (k in b)]
+
+
+def metric_table(runs: list[dict]) -> dict[tuple[str, str], list[float | None]]:
+    """{(benchmark, 'ndcg@10'): [value per run]} over the union of the runs' metrics."""
+    table: dict[tuple[str, str], list[float | None]] = {}
+    for i, run in enumerate(runs):
+        for m in run["metrics"]:
+            key = (m["benchmark"], f"{m['metric']}@{m['k']}")
+            table.setdefault(key, [None] * len(runs))[i] = m["value"]
+    return dict(sorted(table.items()))
+
+
+def load_per_query(path: str | Path):
+    """A per-query results file (parquet or JSONL with a `qid` column) as a pandas DataFrame."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise RegistryError(f"The per-query results file {path} is recorded as an artifact but is missing.")
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_json(path, lines=True)
+    if "qid" not in df.columns:
+        raise RegistryError(f"{path}: per-query results need a `qid` column (found {', '.join(df.columns)}).")
+    return df
+
+
+def run_per_query(run: dict):
+    """All of a run's per-query artifacts (one per benchmark) in one DataFrame, or None if it saved none."""
+    import pandas as pd
+
+    frames = [load_per_query(a["path"]) for a in run["artifacts"] if a["kind"] == "per_query"]
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def per_query_metric_columns(df) -> list[str]:
+    """The per-query metric columns ('ndcg@3', 'f1@1', ...), not ranks, flags or ids."""
+    return [c for c in df.columns if re.fullmatch(r"[a-z0-9_]+@\d+", str(c)) and df[c].dtype.kind in "fiu"]
+
+
+def per_query_wins(run_a: dict, run_b: dict) -> dict[str, dict[str, int]] | None:
+    """For each metric column both runs saved per query: queries where b beats a, loses, ties."""
+    da, db = run_per_query(run_a), run_per_query(run_b)
+    if da is None or db is None:
+        return None
+    keys = ["qid"] + (["benchmark"] if "benchmark" in da.columns and "benchmark" in db.columns else [])
+    joined = da.merge(db, on=keys, suffixes=("_a", "_b"))
+    out = {}
+    for col in per_query_metric_columns(da):
+        if col not in db.columns:
+            continue
+        # Queries without a value on either side (excluded: no relevant document) are not counted.
+        both = joined[[f"{col}_a", f"{col}_b"]].dropna()
+        a, b = both[f"{col}_a"], both[f"{col}_b"]
+        out[col] = {"wins": int((b > a).sum()), "losses": int((b < a).sum()), "ties": int((b == a).sum())}
+    return out
+
+
+# ---- commands ------------------------------------------------------------------------------------
+
+@_cli_errors
+def cmd_ls(args: argparse.Namespace) -> int:
+    if args.sort:
+        parse_metric(args.sort)
+    runs = _registry(args).list_runs(status=args.status, tag=args.tag, name_glob=args.name, sweep=args.sweep,
+                                     sort_metric=args.sort)
+    fields = ("run_id", "name", "kind", "status", "created_at", "tags", "sweep_id", "error",
+              "headline_metric", "headline", "headline_mean")
+    if args.json:
+        _print_json([{f: r[f] for f in fields} for r in runs])
+        return 0
+    if not runs:
+        print("no runs")
+        return 0
+    metric = runs[0]["headline_metric"]
+    rows = [[r["run_id"], r["name"], r["kind"], r["status"], f"{r['created_at']:%Y-%m-%d %H:%M}",
+             ",".join(r["tags"] or []), r["headline_mean"],
+             " ".join(f"{b}={v:.4f}" for b, v in sorted(r["headline"].items()))] for r in runs]
+    print(_table(["run_id", "name", "kind", "status", "created", "tags", f"{metric} mean", "per benchmark"], rows))
+    return 0
+
+
+@_cli_errors
+def cmd_show(args: argparse.Namespace) -> int:
+    run = _registry(args).get_run(args.run)
+    if args.json:
+        _print_json(run)
+        return 0
+    skip = {"spec_yaml", "metrics", "artifacts"}
+    for key, value in run.items():
+        if key not in skip and value not in (None, [], {}):
+            print(f"{key:15} {json.dumps(value, default=str, ensure_ascii=False) if isinstance(value, (dict, list)) else value}")
+    print("\nspec:\n" + "\n".join("  " + line for line in run["spec_yaml"].rstrip().splitlines()))
+    if run["metrics"]:
+        print("\nmetrics:")
+        print(_table(["benchmark", "metric", "value", "fingerprint", "evaluator"],
+                     [[m["benchmark"], f"{m['metric']}@{m['k']}", m["value"], m["fingerprint"],
+                       m["evaluator_version"]] for m in run["metrics"]]))
+    if run["artifacts"]:
+        print("\nartifacts:")
+        print(_table(["kind", "path"], [[a["kind"], a["path"]] for a in run["artifacts"]]))
+    return 0
+
+
+@_cli_errors
+def cmd_compare(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    runs = [reg.get_run(p) for p in args.runs]
+    table = metric_table(runs)
+    # Deltas are against the first run given, the usual "baseline first" reading.
+    rows = [{"benchmark": b, "metric": m, "values": vals,
+             "deltas": [None if v is None or vals[0] is None else v - vals[0] for v in vals[1:]]}
+            for (b, m), vals in table.items()]
+    wins = {r["run_id"]: per_query_wins(runs[0], r) for r in runs[1:]}
+    if args.json:
+        _print_json({"runs": [r["run_id"] for r in runs], "metrics": rows, "per_query_vs_first": wins})
+        return 0
+    ids = [r["run_id"] for r in runs]
+    header = ["benchmark", "metric"] + ids + [f"Δ {i}" for i in ids[1:]]
+    print(_table(header, [[r["benchmark"], r["metric"]] + r["values"] + r["deltas"] for r in rows]))
+    for rid, w in wins.items():
+        if w:
+            print(f"\nper query, {rid} vs {ids[0]}:")
+            for col, c in w.items():
+                print(f"  {col}: {c['wins']} wins, {c['losses']} losses, {c['ties']} ties")
+    return 0
+
+
+@_cli_errors
+def cmd_diff(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    a, b = reg.get_run(args.run_a), reg.get_run(args.run_b)
+    try:
+        diffs = spec_diff(a["spec_yaml"], b["spec_yaml"])
+    except yaml.YAMLError as e:
+        raise RegistryError(f"A stored spec is not valid YAML ({e}); the registry entry is damaged.") from None
+    if args.json:
+        _print_json([{"key": k, a["run_id"]: va, b["run_id"]: vb} for k, va, vb in diffs])
+        return 0
+    if not diffs:
+        print("specs are identical")
+        return 0
+    # JSON spelling, so 3e-05 is not rounded away and a missing key reads as null.
+    rows = [[k, json.dumps(va, ensure_ascii=False, default=str), json.dumps(vb, ensure_ascii=False, default=str)]
+            for k, va, vb in diffs]
+    print(_table(["key", a["run_id"], b["run_id"]], rows))
+    return 0
+
+
+@_cli_errors
+def cmd_best(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from koe5.registry.board import stale_mask
+
+    metric, k = parse_metric(args.metric)
+    cols, rows = _registry(args).query(
+        "SELECT m.run_id, r.name, r.kind, m.benchmark, m.value, m.fingerprint, m.evaluator_version "
+        "FROM metrics m JOIN runs r USING (run_id) WHERE m.metric = ? AND m.k = ?", [metric, k])
+    df = pd.DataFrame(rows, columns=cols)
+    # Values from another benchmark fingerprint or evaluator version are not comparable: leave them out,
+    # and rank only runs that have a comparable value on every benchmark considered.
+    df["stale"] = stale_mask(df).to_numpy(dtype=bool) if len(df) else []
+    if args.benchmark:
+        df = df[df["benchmark"] == args.benchmark]
+    n_bench = df["benchmark"].nunique()
+    ok = df[~df["stale"]].groupby(["run_id", "name", "kind"], as_index=False).agg(
+        value=("value", "mean"), benchmarks=("benchmark", "nunique"))
+    ok = ok[ok["benchmarks"] == n_bench].sort_values(["value", "run_id"], ascending=[False, True])
+    skipped = df["run_id"].nunique() - len(ok)
+    if ok.empty:
+        where = f" on benchmark {args.benchmark!r}" if args.benchmark else ""
+        raise RegistryError(f"No run has a comparable {metric}@{k}{where} recorded.")
+    found = ok.head(args.top).to_dict("records")
+    if args.json:
+        _print_json(found if args.top > 1 else found[0])
+        return 0
+    label = f"{metric}@{k}" + (f" on {args.benchmark}" if args.benchmark else " (mean over benchmarks)")
+    print(_table(["run_id", "name", "kind", label, "benchmarks"], [list(f.values()) for f in found]))
+    if skipped:
+        print(f"({skipped} runs left out: stale benchmark fingerprint/evaluator version or missing benchmarks)")
+    return 0
+
+
+EXPORT_SQL = ("SELECT r.run_id, r.name, r.kind, r.status, r.spec_hash, r.created_at, r.finished_at, r.tags, "
+              "r.sweep_id, r.git_commit, m.benchmark, m.metric, m.k, m.value, m.fingerprint, m.evaluator_version "
+              "FROM runs r LEFT JOIN metrics m USING (run_id) ORDER BY r.run_id, m.benchmark, m.metric, m.k")
+
+
+@_cli_errors
+def cmd_export(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    cols, rows = _registry(args).query(EXPORT_SQL)
+    df = pd.DataFrame(rows, columns=cols)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.format == "csv":
+        df.to_csv(out, index=False)
+    elif args.format == "parquet":
+        df.to_parquet(out, index=False)
+    else:
+        df.to_json(out, orient="records", date_format="iso", force_ascii=False, indent=2)
+    print(f"wrote {len(df)} rows (one per run and metric) to {out}")
+    return 0
+
+
+def check_read_only(sql: str) -> None:
+    """Refuse anything but one SELECT/EXPLAIN statement before it reaches the database."""
+    try:
+        statements = duckdb.connect(":memory:").extract_statements(sql)
+    except duckdb.Error as e:
+        raise RegistryError(f"Cannot parse the SQL: {e}") from None
+    if len(statements) != 1:
+        raise RegistryError(f"`koe5 sql` runs exactly one statement; got {len(statements)}.")
+    kind = statements[0].type.name
+    if kind not in READ_STATEMENTS:
+        raise RegistryError(f"`koe5 sql` only reads: {kind} statements are refused. Use SELECT (or WITH, SHOW, "
+                            f"DESCRIBE); runs are removed with `koe5 rm`.")
+
+
+@_cli_errors
+def cmd_sql(args: argparse.Namespace) -> int:
+    check_read_only(args.query)
+    cols, rows = _registry(args).query(args.query)
+    if args.json:
+        _print_json([dict(zip(cols, r)) for r in rows])
+    else:
+        print(_table(cols, [list(r) for r in rows]))
+    return 0
+
+
+@_cli_errors
+def cmd_rm(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    run = reg.get_run(args.run)
+    if not args.yes:
+        prompt = f"Delete run {run['run_id']} ({run['name']}, {run['status']}) with its metrics and logs? [y/N] "
+        try:
+            answer = input(prompt)
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not deleted")
+            return 1
+    reg.delete_run(run["run_id"])
+    print(f"deleted {run['run_id']}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", metavar="PATH", help="registry file (default: $KOE5_REGISTRY or registry/koe5.duckdb)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = subparsers.add_parser("ls", parents=[common, as_json], help="list runs with status and headline metrics")
+    p.add_argument("--status", choices=STATUSES + ("crashed",))
+    p.add_argument("--tag")
+    p.add_argument("--name", metavar="GLOB", help="run name glob, e.g. 'e5-*'")
+    p.add_argument("--sweep", metavar="SWEEP_ID")
+    p.add_argument("--sort", metavar="METRIC@K", help="sort by mean over benchmarks, e.g. ndcg@10")
+    p.set_defaults(func=cmd_ls)
+
+    p = subparsers.add_parser("show", parents=[common, as_json], help="one run: spec, provenance, metrics, artifacts")
+    p.add_argument("run", help="run id or a unique prefix")
+    p.set_defaults(func=cmd_show)
+
+    p = subparsers.add_parser("compare", parents=[common, as_json], help="metrics side by side, deltas vs the first run")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.set_defaults(func=cmd_compare)
+
+    p = subparsers.add_parser("diff", parents=[common, as_json], help="spec key paths that differ between two runs")
+    p.add_argument("run_a", metavar="RUN")
+    p.add_argument("run_b", metavar="RUN")
+    p.set_defaults(func=cmd_diff)
+
+    p = subparsers.add_parser("best", parents=[common, as_json], help="best run by a metric")
+    p.add_argument("--metric", required=True, metavar="METRIC@K")
+    p.add_argument("--benchmark")
+    p.add_argument("--top", type=int, default=1, help="show the N best")
+    p.set_defaults(func=cmd_best)
+
+    p = subparsers.add_parser("export", parents=[common], help="export runs and metrics to a file")
+    p.add_argument("--format", choices=("csv", "parquet", "json"), required=True)
+    p.add_argument("-o", "--output", required=True, metavar="PATH")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("sql", parents=[common, as_json], help="run a read-only SQL query on the registry")
+    p.add_argument("query", metavar="SQL")
+    p.set_defaults(func=cmd_sql)
+
+    p = subparsers.add_parser("rm", parents=[common], help="delete a run (asks first)")
+    p.add_argument("run")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_rm)

@@ -1,0 +1,295 @@
+"""`koe5-run SPEC [key=value ...]`: spec -> run -> train -> evaluate -> record.
+
+This process is the orchestrator and the registry's only writer for the run. It validates the spec,
+records the run, freezes the resolved spec into the run directory, starts the training ranks through
+the launcher, evaluates the exported model, and records metrics, the training log and artifacts.
+Training itself runs in child processes that never open the registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+HEARTBEAT_S = 10.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="koe5-run", description="Validate an experiment spec, train, evaluate and record the run.")
+    parser.add_argument("spec", nargs="?", help="experiment YAML (omit with --from-run)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="typed overrides, e.g. train.lr=1e-5")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved spec, its hash and the command")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: one JSON object (a list for sweeps)")
+    parser.add_argument("--force", action="store_true", help="run even if this spec hash already finished")
+    parser.add_argument("--from-run", metavar="RUN", help="re-run the resolved spec stored with RUN")
+    args = parser.parse_args(argv)
+    if args.spec and "=" in args.spec and not args.spec.endswith((".yaml", ".yml")) and args.from_run:
+        args.overrides.insert(0, args.spec)  # `koe5-run --from-run X a=b`: the first override lands in spec
+        args.spec = None
+    if not args.spec and not args.from_run:
+        parser.error("give a spec file, or --from-run RUN")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from koe5.spec import SpecError, expand
+
+    try:
+        spec_path = _spec_from_run(args.from_run) if args.from_run else args.spec
+        resolved = expand(spec_path, args.overrides)
+    except SpecError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except LookupError as e:
+        print(f"koe5-run: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for rs in resolved:
+        for warning in getattr(rs, "warnings", []):
+            print(f"koe5-run: warning: {warning}", file=sys.stderr)
+
+    if args.dry_run:
+        return dry_run(resolved, args.json)
+
+    from koe5.registry import Registry
+
+    registry = Registry(resolved[0].spec.registry.path)
+    sweep_id = None
+    if len(resolved) > 1:
+        sweep_id = registry.create_sweep(resolved[0].spec.name, spec_path, sorted(resolved[0].sweep_values))
+        print(f"sweep {sweep_id}: {len(resolved)} runs")
+    status = EXIT_OK
+    for rs in resolved:
+        status = max(status, run_one(rs, registry, sweep_id, force=args.force))
+    return status
+
+
+def _spec_from_run(run: str) -> str:
+    """The stored resolved spec of a past run, written to a file that `expand` can read."""
+    import tempfile
+
+    from koe5.registry import Registry, RegistryError
+
+    try:
+        record = Registry(os.environ.get("KOE5_REGISTRY")).get_run(run)
+    except RegistryError as e:
+        raise LookupError(str(e)) from None
+    path = Path(tempfile.mkdtemp(prefix="koe5-from-run-")) / f"{record['run_id']}.yaml"
+    path.write_text(record["spec_yaml"], encoding="utf-8")
+    return str(path)
+
+
+def dry_run(resolved: list, as_json: bool) -> int:
+    from koe5.launch import training_command
+
+    entries = []
+    for rs in resolved:
+        run_dir = Path(rs.spec.output_dir) / f"{rs.spec.name}-<run_id>"
+        command = training_command(rs.spec, run_dir / "spec.yaml", run_dir, port=29500)
+        entries.append({"spec": rs.data, "spec_hash": rs.spec_hash, "command": command,
+                        "sweep_values": rs.sweep_values})
+    if as_json:
+        if len(entries) == 1:
+            entries[0].pop("sweep_values")
+            print(json.dumps(entries[0], ensure_ascii=False, default=str))
+        else:
+            print(json.dumps(entries, ensure_ascii=False, default=str))
+        return EXIT_OK
+    for rs, entry in zip(resolved, entries):
+        if entry["sweep_values"]:
+            print(f"# sweep member: {entry['sweep_values']}")
+        print(rs.to_yaml().rstrip())
+        print(f"# spec_hash: {rs.spec_hash}")
+        print(f"# command: {' '.join(entry['command'])}\n")
+    return EXIT_OK
+
+
+def provenance(world_size: int) -> dict:
+    import deepspeed
+    import torch
+    import transformers
+
+    from koe5 import __version__
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*cmd: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True,
+                                  timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+               if torch.cuda.is_available() else [f"cpu ({os.cpu_count()} cores)"])
+    return {
+        "git_commit": commit,
+        "git_dirty": bool(git("status", "--porcelain")) if commit else None,
+        "versions": {"koe5": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "deepspeed": deepspeed.__version__, "python": platform.python_version()},
+        "host": platform.node(),
+        "devices": devices,
+        "world_size": world_size,
+    }
+
+
+class Heartbeat(threading.Thread):
+    """Tells the registry this run is alive and folds new training-log rows in, every few seconds.
+    A run whose heartbeat stops (SIGKILL, power loss) shows as `crashed` to readers."""
+
+    def __init__(self, registry, run_id: str, log_path: Path):
+        super().__init__(daemon=True)
+        self.registry, self.run_id, self.log_path = registry, run_id, log_path
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(HEARTBEAT_S):
+            try:
+                self.registry.heartbeat(self.run_id)
+                if self.log_path.exists():
+                    self.registry.fold_train_log(self.run_id, self.log_path)
+            except Exception as e:  # a busy registry must never stop training
+                print(f"koe5-run: heartbeat skipped ({e})", file=sys.stderr)
+
+
+class Killed(Exception):
+    pass
+
+
+def _raise_killed(signum, frame):
+    raise Killed(f"received {signal.Signals(signum).name}")
+
+
+def run_one(rs, registry, sweep_id: str | None, force: bool) -> int:
+    from koe5.launch import resolve_backend, run_training, training_command
+    from koe5.spec.deepspeed import deepspeed_config
+
+    spec = rs.spec
+    finished = registry.find_runs(rs.spec_hash, status="finished")
+    if finished and not force:
+        print(f"koe5-run: spec {rs.spec_hash} already has a finished run, {finished[0]['run_id']}; "
+              f"nothing to do (use --force to train again, `koe5 show {finished[0]['run_id']}` to see it)")
+        return EXIT_OK
+
+    world = spec.launch.nproc_per_node
+    ds_config = deepspeed_config(spec, world)
+    run_id = registry.create_run(spec.name, rs.spec_hash, rs.to_yaml(), kind="train", status="queued",
+                                 tags=spec.tags, sweep_id=sweep_id, output_dir=None,
+                                 provenance=provenance(world), ds_config=ds_config,
+                                 sweep_values=rs.sweep_values or None)
+    run_dir = (Path(spec.output_dir) / f"{spec.name}-{run_id}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    frozen = run_dir / "spec.yaml"
+    rs.freeze(frozen)
+    registry.add_artifact(run_id, "run_dir", str(run_dir))
+    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    print(f"run {run_id}: {spec.name} -> {run_dir}")
+
+    previous = {s: signal.signal(s, _raise_killed) for s in (signal.SIGTERM, signal.SIGINT)}
+    heartbeat = Heartbeat(registry, run_id, run_dir / "train_log.jsonl")
+    try:
+        if spec.eval.baseline and spec.eval.benchmarks:
+            record_baseline(rs, registry, sweep_id, run_dir / "baseline")
+        registry.set_status(run_id, "running")
+        heartbeat.start()
+        command = training_command(spec, frozen, run_dir)
+        print(f"launch ({resolve_backend(spec)}): {' '.join(command)}")
+        code = run_training(command)
+        heartbeat.stopped.set()
+        _fold_outputs(registry, run_id, run_dir)
+        if code != 0:
+            error_file = run_dir / "error.txt"
+            error = error_file.read_text().strip() if error_file.exists() else f"training exited with status {code}"
+            registry.set_status(run_id, "failed", error=error)
+            print(f"koe5-run: run {run_id} failed: {error}", file=sys.stderr)
+            return EXIT_FAILED
+        model_dir = run_dir / "model"
+        registry.add_artifact(run_id, "model", str(model_dir))
+        results = evaluate_and_record(registry, run_id, str(model_dir), spec, run_dir / "eval")
+        if results:
+            _update_model_card(model_dir, spec, rs.to_yaml(), run_dir, results)
+        registry.set_status(run_id, "finished")
+    except Killed as e:
+        heartbeat.stopped.set()
+        _fold_outputs(registry, run_id, run_dir)
+        registry.set_status(run_id, "killed", error=str(e))
+        print(f"koe5-run: run {run_id} killed ({e})", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except Exception as e:
+        heartbeat.stopped.set()
+        registry.set_status(run_id, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print(f"\nrun id: {run_id}\nmodel:  {run_dir / 'model'}")
+    return EXIT_OK
+
+
+def _fold_outputs(registry, run_id: str, run_dir: Path) -> None:
+    log = run_dir / "train_log.jsonl"
+    if log.exists():
+        registry.fold_train_log(run_id, log)
+    mix = run_dir / "data_mix.json"
+    if mix.exists():
+        registry.set_data_mix(run_id, json.loads(mix.read_text()))
+
+
+def evaluate_and_record(registry, run_id: str, model_path: str, spec, out_dir: Path) -> list:
+    """Evaluate `model_path` on every benchmark of the spec and record the metrics under `run_id`."""
+    import torch
+
+    from koe5.eval.benchmark import load_benchmark
+    from koe5.eval.model_eval import EncodeSettings, default_cache_dir, evaluate_encoder, format_table, record_results
+    from koe5.model import load_encoder
+
+    if not spec.eval.benchmarks:
+        return []
+    device = "cuda" if torch.cuda.is_available() and spec.train.device != "cpu" else "cpu"
+    encoder = load_encoder(model_path, pooling=spec.model.pooling, normalize=spec.model.normalize, device=device)
+    m = spec.model
+    settings = EncodeSettings(m.query_prefix, m.passage_prefix, m.query_max_len, m.passage_max_len,
+                              spec.eval.batch_size)
+    benchmarks = [load_benchmark(b.path, name=b.name) for b in spec.eval.benchmarks]
+    results = evaluate_encoder(encoder, benchmarks, spec.eval.k, settings, cache_dir=default_cache_dir(),
+                               progress=True)
+    record_results(registry, run_id, results, str(out_dir), model_path)
+    print(format_table(results, spec.eval.k))
+    return results
+
+
+def record_baseline(rs, registry, sweep_id: str | None, out_dir: Path) -> str:
+    """Evaluate the untrained model and record it as a run of kind `baseline`, beside the trained one."""
+    spec = rs.spec
+    run_id = registry.create_run(f"{spec.name}@init", rs.spec_hash, rs.to_yaml(), kind="baseline",
+                                 status="running", tags=[*spec.tags, "init"], sweep_id=sweep_id,
+                                 provenance=provenance(1))
+    print(f"baseline {run_id}: evaluating the untrained model {spec.model.name_or_path}")
+    evaluate_and_record(registry, run_id, spec.model.name_or_path, spec, out_dir)
+    registry.set_status(run_id, "finished")
+    return run_id
+
+
+def _update_model_card(model_dir: Path, spec, spec_yaml: str, run_dir: Path, results: list) -> None:
+    from koe5.eval.model_eval import format_table
+    from koe5.export import model_card
+
+    mix_file = run_dir / "data_mix.json"
+    mix = json.loads(mix_file.read_text()) if mix_file.exists() else {}
+    card = model_card(name=spec.name, base_model=spec.model.name_or_path, spec_yaml=spec_yaml, data_mix=mix,
+                      results_table="```\n" + format_table(results, spec.eval.k) + "\n```")
+    (model_dir / "README.md").write_text(card, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The experiment spec schema: every key, its type, its default and a one-line description.
+
+This file is the single source of truth for what a spec may contain. The loader validates against it,
+`docs/spec.md` is generated from it, and the rest of koe5 reads a `Spec` instance, never raw YAML.
+
+Conventions:
+- `field(default=..., metadata={"doc": ...})` documents a key; `REQUIRED` marks keys without a default.
+- Closed enumerations are `Literal[...]`.
+- Relative paths in a spec file are resolved against that file's directory by the loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+REQUIRED: Any = object()  # sentinel: the key has no default and must be given
+
+
+def doc(text: str, default: Any = REQUIRED, **kw: Any) -> Any:
+    """A dataclass field carrying its one-line description."""
+    if default is REQUIRED:
+        return field(metadata={"doc": text, "required": True}, **kw)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": text}, **kw)
+    return field(default=default, metadata={"doc": text}, **kw)
+
+
+@dataclass
+class ModelSpec:
+    name_or_path: str = doc("Hugging Face hub id, local model directory, or `builtin:tiny-ko-bert` (the demo model).")
+    pooling: Literal["mean", "cls"] = doc("How token states become one embedding.", "mean")
+    normalize: bool = doc("L2-normalize embeddings, so scores are cosine similarities.", True)
+    query_prefix: str = doc("Text put before every query (E5 convention).", "query: ")
+    passage_prefix: str = doc("Text put before every passage (E5 convention).", "passage: ")
+    query_max_len: int = doc("Maximum query length in tokens, prefix included.", 32)
+    passage_max_len: int = doc("Maximum passage length in tokens, prefix included.", 256)
+    dropout: Optional[float] = doc("Dropout probability for hidden and attention layers; null keeps the model's own.", None)
+
+
+@dataclass
+class SourceSpec:
+    path: str = doc("A JSONL file of {query, document, hard_negative} triples (more formats: see the data issue).")
+    weight: float = doc("Relative sampling weight of this source.", 1.0)
+    name: Optional[str] = doc("Short name shown in the data mix; defaults to the file name.", None)
+
+
+@dataclass
+class DataSpec:
+    sources: list[SourceSpec] = doc("Training sources.")
+    hard_negatives: int = doc("Hard negatives used per query (0 = in-batch negatives only).", 1)
+
+
+@dataclass
+class LossSpec:
+    name: Literal["infonce", "symmetric_infonce"] = doc(
+        "Contrastive loss: `infonce` = in-batch plus hard negatives, query -> document; `symmetric_infonce` = "
+        "the average of that and document -> query over the batch's queries (see koe5/train/loss.py).", "infonce")
+    temperature: float = doc("Softmax temperature tau; scores are divided by it.", 0.02)
+    cross_device_negatives: bool = doc("Gather every rank's embeddings so all ranks share one pool of negatives.", True)
+    mask_duplicates: bool = doc("Mask candidates whose document equals the query's positive (same text hash).", True)
+
+
+@dataclass
+class CacheSpec:
+    enabled: bool = doc("Use GradCache: embed in chunks without grad, then replay chunk by chunk.", True)
+    chunk_size: int = doc("Rows per GradCache chunk (per rank).", 32)
+
+
+@dataclass
+class TrainSpec:
+    batch_size: int = doc("Global batch size, counted in queries (summed over all ranks).", 32)
+    max_steps: Optional[int] = doc("Stop after this many optimizer steps (wins over epochs).", None)
+    epochs: Optional[float] = doc("Number of passes over the training data, if max_steps is null.", None)
+    lr: float = doc("Peak learning rate (AdamW).", 2e-5)
+    weight_decay: float = doc("AdamW weight decay.", 0.01)
+    adam_eps: float = doc("AdamW epsilon; 1e-6 keeps near-zero gradients from being amplified into full-size steps.", 1e-8)
+    warmup_ratio: float = doc("Fraction of steps with linear warmup from 0 to lr.", 0.1)
+    scheduler: Literal["linear", "cosine", "constant"] = doc("Learning-rate decay after warmup.", "linear")
+    grad_clip: Optional[float] = doc("Clip the global gradient norm to this value; null disables.", 1.0)
+    precision: Literal["fp32", "bf16", "fp16"] = doc("Training precision (bf16/fp16 through DeepSpeed's mixed precision).", "fp32")
+    device: Literal["auto", "cpu", "cuda"] = doc("Where to train; auto picks cuda when available.", "auto")
+    log_every: int = doc("Write a diagnostics row every this many steps.", 10)
+
+
+@dataclass
+class DeepSpeedSpec:
+    zero_stage: Literal[0, 1, 2, 3] = doc("DeepSpeed ZeRO stage.", 0)
+    extra: dict = doc("Raw DeepSpeed config keys merged into the derived config.", {})
+
+
+@dataclass
+class LaunchSpec:
+    backend: Literal["auto", "local", "deepspeed", "torchrun"] = doc(
+        "How training processes start; auto = local for one process, deepspeed for more.", "auto")
+    nproc_per_node: int = doc("Training processes per node.", 1)
+
+
+@dataclass
+class BenchmarkSpec:
+    name: str = doc("Name shown in results.")
+    path: str = doc("Benchmark directory (BEIR layout: corpus.jsonl, queries.jsonl, qrels/test.tsv).")
+
+
+@dataclass
+class EvalSpec:
+    benchmarks: list[BenchmarkSpec] = doc("Benchmarks evaluated after training.", [])
+    k: list[int] = doc("Cut-offs for every metric.", [1, 3, 5, 10])
+    batch_size: int = doc("Encoding batch size.", 64)
+    baseline: bool = doc("Also evaluate the model before training and record it as a baseline run.", False)
+
+
+@dataclass
+class RegistrySpec:
+    path: Optional[str] = doc("DuckDB registry file; null = $KOE5_REGISTRY or registry/koe5.duckdb.", None)
+
+
+@dataclass
+class Spec:
+    name: str = doc("Experiment name.")
+    model: ModelSpec = doc("The encoder.")
+    data: DataSpec = doc("Training data.")
+    seed: int = doc("Seed for weights, data order and dropout.", 0)
+    output_dir: str = doc("Directory under which each run gets its own folder.", "runs")
+    tags: list[str] = doc("Free-form labels for filtering runs.", [])
+    loss: LossSpec = doc("The contrastive loss.", None)
+    cache: CacheSpec = doc("GradCache settings.", None)
+    train: TrainSpec = doc("Optimisation settings.", None)
+    deepspeed: DeepSpeedSpec = doc("DeepSpeed engine settings.", None)
+    launch: LaunchSpec = doc("Process launch settings.", None)
+    eval: EvalSpec = doc("Evaluation after training.", None)
+    registry: RegistrySpec = doc("Where runs are recorded.", None)
+
+    def __post_init__(self) -> None:
+        # Sub-sections with only defaulted keys may be omitted; fill them here so readers never see None.
+        for name, cls in (("loss", LossSpec), ("cache", CacheSpec), ("train", TrainSpec),
+                          ("deepspeed", DeepSpeedSpec), ("launch", LaunchSpec), ("eval", EvalSpec),
+                          ("registry", RegistrySpec)):
+            if getattr(self, name) is None:
+                setattr(self, name, cls())

@@ -1,0 +1,342 @@
+"""Checking a composed spec dict against the schema, then the rules that tie keys together.
+
+Every check appends (key path, message) to a shared list instead of raising, so one pass reports every
+problem. Nothing here loads a model or reads data; CUDA is asked about (importing torch) only when the
+spec is otherwise valid and its precision or process count depends on the GPUs present.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import typing
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from koe5.spec import introspect, schema
+from koe5.spec.compose import Origins, type_name
+from koe5.spec.deepspeed import conflicts, derived_config
+from koe5.spec.errors import did_you_mean, join_path
+
+Errors = list[tuple[str, str]]
+
+
+def nearest_origin(path: str, origins: Origins):
+    """Where the key (or its nearest parent that was written down) came from; None for pure defaults."""
+    while path:
+        if path in origins:
+            return origins[path]
+        cut = max(path.rfind("."), path.rfind("["))
+        path = path[:cut] if cut > 0 else ""
+    return None
+
+
+def label_for(path: str, origins: Origins) -> str:
+    """'file:line: ' (or 'override `k=v`: ') for messages about a key, '' for defaults."""
+    origin = nearest_origin(path, origins)
+    return origin.label + ": " if origin else ""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type_name(value)} {text if len(text) < 60 else text[:57] + '...'}"
+
+
+# ---------------------------------------------------------------- types
+
+def build(tp: Any, value: Any, path: str, errors: Errors, origins: Origins) -> Any:
+    """`value` converted to `tp` (dataclasses built recursively); on error, record it and return None."""
+    inner, optional = introspect.unwrap_optional(tp)
+
+    def fail(expected: str) -> None:
+        if optional and "or null" not in expected:
+            expected += " or null"
+        errors.append((path, f"{label_for(path, origins)}expected {expected}, found {_show(value)}"))
+
+    if value is None:
+        if optional:
+            return None
+        if introspect.is_section(inner):  # `loss:` with nothing under it means all defaults
+            return build(inner, {}, path, errors, origins)
+        fail(introspect.describe_type(tp))
+        return None
+    if typing.get_origin(inner) is Literal:
+        choices = typing.get_args(inner)
+        if any(type(value) is type(c) and value == c for c in choices):
+            return value
+        hint = did_you_mean(str(value), [str(c) for c in choices]) if isinstance(value, str) else ""
+        fail(introspect.describe_type(inner) + "." + hint if hint else introspect.describe_type(inner))
+        return None
+    if introspect.is_section(inner):
+        if not isinstance(value, dict):
+            fail("a mapping")
+            return None
+        return build_section(inner, value, path, errors, origins)
+    item = introspect.list_item(inner)
+    if item is not None:
+        if not isinstance(value, list):
+            fail(introspect.describe_type(inner))
+            return None
+        return [build(item, v, join_path(path, i), errors, origins) for i, v in enumerate(value)]
+    if introspect.is_free_dict(inner):
+        if not isinstance(value, dict):
+            fail("a mapping")
+            return None
+        _check_json(value, path, errors, origins)
+        return value
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        fail("true or false")
+        return None
+    if inner is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        fail("an integer")
+        return None
+    if inner is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        fail("a number")
+        return None
+    if inner is str:
+        if isinstance(value, str):
+            return value
+        fail("text (put quotes around it)" if isinstance(value, (int, float, bool)) else "text")
+        return None
+    raise TypeError(f"schema type {tp!r} at {path} is not supported by the validator")
+
+
+def build_section(cls: type, value: dict, path: str, errors: Errors, origins: Origins) -> Any:
+    fields = introspect.fields_of(cls)
+    for key in value:
+        if key not in fields:
+            key_path = join_path(path, str(key))
+            hint = introspect.suggest(str(key), list(fields), path)
+            errors.append((key_path, f"{label_for(key_path, origins)}unknown key.{hint}"))
+    kwargs = {}
+    for name, (tp, f) in fields.items():
+        key_path = join_path(path, name)
+        if name in value:
+            kwargs[name] = build(tp, value[name], key_path, errors, origins)
+            continue
+        default = introspect.default_of(f, introspect.unwrap_optional(tp)[0])
+        if default is schema.REQUIRED:
+            where = label_for(path, origins) if path else ""
+            errors.append((key_path, f"{where}missing required key ({f.metadata['doc']})"))
+            kwargs[name] = None
+        elif introspect.is_section(tp):
+            kwargs[name] = build_section(tp, {}, key_path, errors, origins)
+        else:
+            kwargs[name] = default
+    return cls(**kwargs)
+
+
+def _check_json(value: Any, path: str, errors: Errors, origins: Origins) -> None:
+    """deepspeed.extra ends up in a JSON file, so it may only hold JSON values."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                errors.append((path, f"{label_for(path, origins)}keys must be text, found {_show(k)}"))
+            _check_json(v, join_path(path, str(k)), errors, origins)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_json(v, join_path(path, i), errors, origins)
+    elif not (value is None or isinstance(value, (str, int, float, bool))):
+        errors.append((path, f"{label_for(path, origins)}expected a JSON value, found {_show(value)}"))
+
+
+# ---------------------------------------------------------------- paths
+
+def resolve_paths(spec: schema.Spec, origins: Origins, cwd: Path) -> None:
+    """Make every path absolute. Data and benchmark paths are relative to the file (or override) that
+    wrote them; output_dir and registry.path are relative to the working directory."""
+    def absolute(value: str, path: str) -> str:
+        origin = nearest_origin(path, origins)
+        base = origin.directory if origin else cwd
+        return str((base / Path(value).expanduser()).resolve()) if value else value
+
+    sources = spec.data.sources if spec.data is not None else None  # None: failed its type check
+    for i, s in enumerate(sources if isinstance(sources, list) else []):
+        if s is not None and isinstance(s.path, str):
+            s.path = absolute(s.path, f"data.sources[{i}].path")
+    for i, b in enumerate(spec.eval.benchmarks if isinstance(spec.eval.benchmarks, list) else []):
+        if b is not None and isinstance(b.path, str):
+            b.path = absolute(b.path, f"eval.benchmarks[{i}].path")
+    if isinstance(spec.output_dir, str) and spec.output_dir:
+        spec.output_dir = str((cwd / Path(spec.output_dir).expanduser()).resolve())
+    if isinstance(spec.registry.path, str) and spec.registry.path:
+        spec.registry.path = str((cwd / Path(spec.registry.path).expanduser()).resolve())
+
+
+# ---------------------------------------------------------------- rules between keys
+
+class _Broken(set):
+    """Key paths that already have an error; a key under a broken section counts as broken too, so a
+    section of the wrong type (`train: 5`) does not also report rules about its defaulted keys."""
+
+    def __contains__(self, path: object) -> bool:
+        p = str(path)
+        while p:
+            if set.__contains__(self, p):
+                return True
+            cut = max(p.rfind("."), p.rfind("["))
+            p = p[:cut] if cut > 0 else ""
+        return False
+
+
+def check_rules(spec: schema.Spec, errors: Errors, origins: Origins) -> None:
+    """Value ranges and cross-field rules. Keys that already failed their type check are skipped."""
+    broken = _Broken(p for p, _ in errors)
+
+    def bad(path: str, message: str) -> None:
+        if path not in broken:
+            errors.append((path, label_for(path, origins) + message))
+
+    def need(path: str, value: Any, ok: Callable[[Any], bool], message: str) -> None:
+        if value is not None and path not in broken and not ok(value):
+            bad(path, f"{message}, found {value!r}")
+
+    positive = lambda v: v > 0  # noqa: E731
+    finite_positive = lambda v: math.isfinite(v) and v > 0  # noqa: E731
+
+    if isinstance(spec.name, str):
+        need("name", spec.name, lambda v: v.strip() != "" and "/" not in v and "\\" not in v,
+             "expected a non-empty name without slashes (it names run folders)")
+
+    m = spec.model or schema.ModelSpec(name_or_path=None)  # None: the section itself failed its type check
+    need("model.name_or_path", m.name_or_path, lambda v: v.strip() != "", "expected a model id or path")
+    need("model.query_max_len", m.query_max_len, positive, "expected a positive length")
+    need("model.passage_max_len", m.passage_max_len, positive, "expected a positive length")
+    need("model.dropout", m.dropout, lambda v: 0 <= v < 1, "expected a probability in [0, 1)")
+
+    d = spec.data or schema.DataSpec(sources=None)
+    if isinstance(d.sources, list):
+        if not d.sources and "data.sources" not in broken:
+            bad("data.sources", "expected at least one training source")
+        for i, s in enumerate(d.sources):
+            if s is None:
+                continue
+            need(f"data.sources[{i}].weight", s.weight, finite_positive, "expected a weight > 0")
+            if isinstance(s.path, str) and f"data.sources[{i}].path" not in broken and not Path(s.path).exists():
+                bad(f"data.sources[{i}].path", f"file {s.path} does not exist")
+    need("data.hard_negatives", d.hard_negatives, lambda v: v >= 0, "expected 0 or more")
+
+    need("loss.temperature", spec.loss.temperature, finite_positive, "expected a temperature > 0")
+
+    t = spec.train
+    if t.max_steps is None and t.epochs is None and "train.max_steps" not in broken and "train.epochs" not in broken:
+        bad("train.max_steps", "set train.max_steps or train.epochs; otherwise training never stops")
+    need("train.max_steps", t.max_steps, positive, "expected a positive number of steps")
+    need("train.epochs", t.epochs, finite_positive, "expected a positive number of epochs")
+    need("train.batch_size", t.batch_size, positive, "expected a positive batch size")
+    need("train.lr", t.lr, finite_positive, "expected a learning rate > 0")
+    need("train.weight_decay", t.weight_decay, lambda v: v >= 0, "expected 0 or more")
+    need("train.adam_eps", t.adam_eps, lambda v: v > 0, "expected a positive number")
+    need("train.warmup_ratio", t.warmup_ratio, lambda v: 0 <= v < 1, "expected a fraction in [0, 1)")
+    need("train.grad_clip", t.grad_clip, finite_positive, "expected a norm > 0 (or null to disable clipping)")
+    need("train.log_every", t.log_every, positive, "expected a positive number of steps")
+
+    nproc = spec.launch.nproc_per_node
+    need("launch.nproc_per_node", nproc, positive, "expected 1 or more processes")
+    nproc_ok = isinstance(nproc, int) and nproc > 0 and "launch.nproc_per_node" not in broken
+    batch_ok = isinstance(t.batch_size, int) and t.batch_size > 0 and "train.batch_size" not in broken
+    if spec.launch.backend == "local" and nproc_ok and nproc != 1:
+        bad("launch.nproc_per_node", f"launch.backend 'local' runs one process, found nproc_per_node={nproc}; "
+                                     "use backend auto, deepspeed or torchrun for more")
+    if nproc_ok and batch_ok and t.batch_size % nproc:
+        bad("train.batch_size", f"the global batch {t.batch_size} must split evenly over "
+                                f"launch.nproc_per_node={nproc} processes")
+    need("cache.chunk_size", spec.cache.chunk_size, positive, "expected a positive chunk size")
+    if spec.cache.enabled and nproc_ok and batch_ok and isinstance(spec.cache.chunk_size, int):
+        per_rank = t.batch_size // nproc
+        if spec.cache.chunk_size > per_rank:
+            bad("cache.chunk_size", f"chunk_size {spec.cache.chunk_size} is larger than the per-rank batch "
+                                    f"{per_rank} (train.batch_size {t.batch_size} / {nproc} processes); "
+                                    f"use at most {per_rank}")
+
+    e = spec.eval
+    if isinstance(e.k, list) and "eval.k" not in broken:
+        if not e.k:
+            bad("eval.k", "expected at least one cut-off")
+        for i, k in enumerate(e.k):
+            need(f"eval.k[{i}]", k, positive, "expected a positive cut-off")
+        repeated = sorted({k for k in e.k if e.k.count(k) > 1 and k is not None})
+        if repeated:
+            bad("eval.k", f"cut-offs must be unique, {repeated} appear more than once")
+    need("eval.batch_size", e.batch_size, positive, "expected a positive batch size")
+    if isinstance(e.benchmarks, list):
+        names = [b.name for b in e.benchmarks if b is not None]
+        for i, b in enumerate(e.benchmarks):
+            if b is None:
+                continue
+            if isinstance(b.name, str) and names.count(b.name) > 1:
+                bad(f"eval.benchmarks[{i}].name", f"benchmark name {b.name!r} is used twice; names label results")
+            if isinstance(b.path, str) and f"eval.benchmarks[{i}].path" not in broken and not Path(b.path).is_dir():
+                bad(f"eval.benchmarks[{i}].path", f"benchmark directory {b.path} does not exist (expected BEIR "
+                                                  "layout: corpus.jsonl, queries.jsonl, qrels/test.tsv)")
+
+    _check_deepspeed(spec, bad, broken, nproc if nproc_ok else 1)
+
+
+def _check_deepspeed(spec: schema.Spec, bad: Callable[[str, str], None], broken: _Broken, world: int) -> None:
+    extra = spec.deepspeed.extra
+    if not isinstance(extra, dict) or "deepspeed.extra" in broken:
+        return
+    stage = spec.deepspeed.zero_stage
+    zero = extra.get("zero_optimization") if isinstance(extra.get("zero_optimization"), dict) else {}
+    for key, min_stage in (("offload_optimizer", 1), ("offload_param", 3)):
+        offload = zero.get(key)
+        active = offload is not None and not (isinstance(offload, dict) and offload.get("device", "cpu") == "none")
+        if active and isinstance(stage, int) and stage < min_stage:
+            bad(f"deepspeed.extra.zero_optimization.{key}",
+                f"{key} needs deepspeed.zero_stage >= {min_stage}, found zero_stage {stage}")
+    if all(p not in broken for p in ("train.batch_size", "train.grad_clip", "train.precision", "deepspeed.zero_stage")):
+        if isinstance(spec.train.batch_size, int) and spec.train.batch_size > 0:
+            for path, want, got in conflicts(derived_config(spec, world), extra):
+                bad(f"deepspeed.extra.{path}", f"{got!r} contradicts the value koe5 derives from the spec "
+                                               f"({want!r}); set it through the spec key instead (docs/spec.md)")
+
+
+# ---------------------------------------------------------------- the machine
+
+def device_info() -> tuple[int, bool]:
+    """(CUDA devices visible, whether they support bf16). Imports torch, so it is only called when needed;
+    tests replace it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0, False
+    return torch.cuda.device_count(), bool(torch.cuda.is_bf16_supported())
+
+
+def check_devices(spec: schema.Spec, errors: Errors, warnings: list[str], origins: Origins) -> None:
+    """Precision and process count against the hardware of this machine."""
+    t, nproc = spec.train, spec.launch.nproc_per_node
+    needs_gpu_facts = t.device in ("cuda", "auto") and (t.precision != "fp32" or nproc > 1 or t.device == "cuda")
+    cuda_count, bf16_ok = device_info() if needs_gpu_facts else (0, False)
+    device = "cuda" if t.device == "cuda" or (t.device == "auto" and cuda_count) else "cpu"
+    lab = lambda p: label_for(p, origins)  # noqa: E731
+    if t.device == "cuda" and cuda_count == 0:
+        errors.append(("train.device", f"{lab('train.device')}cuda was asked for but this machine has no usable "
+                                       "CUDA device; use train.device=cpu or auto"))
+        return
+    if device == "cpu":
+        auto = " (train.device auto found no CUDA device)" if t.device == "auto" else ""
+        if t.precision == "fp16":
+            errors.append(("train.precision", f"{lab('train.precision')}fp16 needs a CUDA GPU and training runs on "
+                                              f"CPU here{auto}; use fp32 or bf16 on CPU"))
+        elif t.precision == "bf16":
+            warnings.append(f"train.precision: bf16 on CPU{auto}: DeepSpeed runs bf16 mixed precision on the CPU; "
+                            "it works, but is usually slower than fp32 there and its numbers differ from a GPU run")
+        cpus = os.cpu_count() or 1
+        if nproc > cpus:
+            errors.append(("launch.nproc_per_node", f"{lab('launch.nproc_per_node')}{nproc} CPU processes (gloo) "
+                                                    f"requested but this machine has {cpus} CPUs{auto}"))
+        return
+    if t.precision == "bf16" and not bf16_ok:
+        errors.append(("train.precision", f"{lab('train.precision')}bf16 is not supported by this GPU; use fp16 "
+                                          "or fp32"))
+    if nproc > cuda_count:
+        errors.append(("launch.nproc_per_node", f"{lab('launch.nproc_per_node')}{nproc} processes requested but "
+                                                f"only {cuda_count} CUDA device(s) are visible"))

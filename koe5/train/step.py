@@ -1,0 +1,57 @@
+"""One optimizer step of contrastive training on a DeepSpeed engine, with or without GradCache."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from koe5.train.gradcache import chunk_slices, embed_without_grad, replay
+from koe5.train.loss import LossResult, contrastive_loss
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; the step was not applied."""
+
+
+@dataclass
+class StepConfig:
+    loss_name: str = "infonce"
+    temperature: float = 0.02
+    mask_duplicates: bool = True
+    cross_device: bool = True
+    cache: bool = True
+    chunk_size: int = 32
+
+
+def train_step(engine, queries: dict, documents: dict, doc_ids: torch.Tensor, cfg: StepConfig,
+               device: torch.device) -> LossResult:
+    """Forward, loss, backward and optimizer step. `engine` is a DeepSpeed engine (or anything with
+    __call__, backward and step); the batches are tokenized and already on `device`."""
+    loss_kwargs = dict(name=cfg.loss_name, temperature=cfg.temperature, mask_duplicates=cfg.mask_duplicates,
+                       cross_device=cfg.cross_device)
+    if cfg.cache:
+        q_chunks = chunk_slices(len(queries["input_ids"]), cfg.chunk_size)
+        d_chunks = chunk_slices(len(documents["input_ids"]), cfg.chunk_size)
+        q_emb, q_states = embed_without_grad(engine, queries, q_chunks, device)
+        d_emb, d_states = embed_without_grad(engine, documents, d_chunks, device)
+        result = contrastive_loss(q_emb, d_emb, doc_ids, **loss_kwargs)
+        _check_finite(result)
+        replay(engine, queries, q_chunks, q_states, result.grad_q, engine.backward)
+        replay(engine, documents, d_chunks, d_states, result.grad_d, engine.backward)
+    else:
+        q_emb = engine(**queries)
+        d_emb = engine(**documents)
+        result = contrastive_loss(q_emb, d_emb, doc_ids, **loss_kwargs)
+        _check_finite(result)
+        engine.backward((q_emb * result.grad_q).sum() + (d_emb * result.grad_d).sum())
+    engine.step()
+    return result
+
+
+def _check_finite(result: LossResult) -> None:
+    # The loss value is all-reduced, so every rank takes the same branch and no collective is left waiting.
+    if not math.isfinite(result.loss):
+        raise NonFiniteLoss(f"the loss became {result.loss}; the step was not applied. "
+                            "Lower train.lr, raise loss.temperature, or use bf16 instead of fp16.")

@@ -1,0 +1,202 @@
+"""The training loop: one process per rank, started by koe5/launch.py, reading the frozen spec.
+
+It never touches the registry. It writes into the run directory, which the orchestrator (koe5/run.py)
+folds into the registry:
+    train_log.jsonl     one diagnostics row every train.log_every steps (rank 0)
+    data_mix.json       examples and tokens drawn per source
+    model/              the exported sentence-transformers + Hugging Face model
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from koe5.data.batches import rank_slice
+from koe5.data.dataset import load_training_data
+from koe5.export import export_model, model_card
+from koe5.model import EmbeddingModel, load_backbone, resolve_model_path, tokenize
+from koe5.spec.deepspeed import deepspeed_config, trainer_clips
+from koe5.spec.schema import Spec
+from koe5.train.step import StepConfig, train_step
+
+
+def init_distributed(device_type: str) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size). A single process started without a launcher gets a one-rank group,
+    so the same DeepSpeed code path runs everywhere."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", verbose=False)
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+
+
+def pick_device(spec: Spec, local_rank: int) -> torch.device:
+    want = spec.train.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(f"cuda:{local_rank}") if want == "cuda" else torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def collate(rows: list, tokenizer, spec: Spec, device: torch.device):
+    """Tokenized queries and documents of one rank's examples, in the layout the loss expects
+    (positives first, then each query's negatives in order), the documents' identities and the
+    number of real tokens."""
+    from koe5.data.triples import text_key
+
+    doc_texts = [ex.positive for ex in rows] + [n for ex in rows for n in ex.negatives]
+    queries = tokenize(tokenizer, [ex.query for ex in rows], spec.model.query_prefix, spec.model.query_max_len)
+    documents = tokenize(tokenizer, doc_texts, spec.model.passage_prefix, spec.model.passage_max_len)
+    doc_ids = torch.tensor([text_key(t) for t in doc_texts], dtype=torch.int64, device=device)
+    n_tokens = int(queries["attention_mask"].sum() + documents["attention_mask"].sum())
+    return ({k: v.to(device) for k, v in queries.items()}, {k: v.to(device) for k, v in documents.items()},
+            doc_ids, n_tokens)
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, kind: str):
+    warmup = int(round(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+def attach_grad_norm(optimizer, model, max_norm: float | None) -> list:
+    """Measure (and clip) the gradient norm just before each optimizer step; returns a one-item list
+    holding the latest pre-clip norm. By then DeepSpeed has reduced the gradients over ranks."""
+    latest: list = [None]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def hook(_optimizer, _args, _kwargs):
+        latest[0] = float(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")))
+
+    optimizer.register_step_pre_hook(hook)
+    return latest
+
+
+def train(spec: Spec, spec_yaml: str, run_dir: Path) -> dict:
+    import deepspeed
+    import transformers
+    from tqdm.auto import tqdm
+
+    transformers.utils.logging.disable_progress_bar()  # one progress bar: training's
+
+    device = pick_device(spec, int(os.environ.get("LOCAL_RANK", 0)))
+    # Before the process group exists: transformers writes files only on rank 0 of an initialized group,
+    # and whichever rank builds the demo model must write it.
+    model_path = resolve_model_path(spec.model.name_or_path)
+    rank, local_rank, world = init_distributed(device.type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # The same seed on every rank gives identical initial weights; dropout then differs per rank.
+    seed_everything(spec.seed)
+
+    data = load_training_data(spec)
+    total_steps = data.total_steps()
+
+    backbone, tokenizer = load_backbone(model_path, spec.model.dropout)
+    model = EmbeddingModel(backbone, spec.model.pooling, spec.model.normalize)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay,
+                                  eps=spec.train.adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, spec.train.warmup_ratio, spec.train.scheduler))
+    grad_norm = attach_grad_norm(optimizer, model, spec.train.grad_clip) if trainer_clips(spec) else None
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(spec, world))
+    seed_everything(spec.seed * 1000 + rank)
+
+    cfg = StepConfig(loss_name=spec.loss.name, temperature=spec.loss.temperature,
+                     mask_duplicates=spec.loss.mask_duplicates, cross_device=spec.loss.cross_device_negatives,
+                     cache=spec.cache.enabled, chunk_size=spec.cache.chunk_size)
+    log_path = run_dir / "train_log.jsonl"
+    drawn: Counter = Counter()
+    start = time.perf_counter()
+    window_start, window_triples, window_tokens = start, 0, 0
+    bar = tqdm(total=total_steps, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
+    result = None
+    for step in range(total_steps):
+        epoch = step // data.steps_per_epoch
+        batch = data.global_batch(step)
+        drawn.update(ex.source for ex in batch)
+        rows = rank_slice(batch, rank, world)
+        queries, documents, doc_ids, n_tokens = collate(rows, tokenizer, spec, device)
+
+        result = train_step(engine, queries, documents, doc_ids, cfg, device)
+
+        window_triples += len(rows) * world
+        window_tokens += n_tokens * world
+        bar.update(1)
+        bar.set_postfix(loss=f"{result.loss:.4f}")
+        if rank == 0 and ((step + 1) % spec.train.log_every == 0 or step + 1 == total_steps):
+            now = time.perf_counter()
+            norm = grad_norm[0] if grad_norm is not None else engine.get_global_grad_norm()
+            row = {
+                "step": step + 1, "epoch": epoch, "loss": result.loss, "lr": scheduler.get_last_lr()[0],
+                "grad_norm": None if norm is None else float(norm),
+                "triples_per_s": window_triples / (now - window_start),
+                "tokens_per_s": window_tokens / (now - window_start),
+                "margin": result.margin, "false_neg_frac": result.false_neg_frac,
+                "elapsed_s": now - start,
+            }
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{result.loss:.4f}", triples_s=f"{row['triples_per_s']:.1f}")
+            window_start, window_triples, window_tokens = now, 0, 0
+    bar.close()
+
+    weights = data.source_weights()
+    data_mix = {name: {"examples": drawn[name], "weight": weights.get(name)} for name in drawn}
+    state = _full_state_dict(engine, spec)
+    if rank == 0:
+        (run_dir / "data_mix.json").write_text(json.dumps(data_mix, indent=2, ensure_ascii=False))
+        card = model_card(name=spec.name, base_model=spec.model.name_or_path, spec_yaml=spec_yaml,
+                          data_mix=data_mix)
+        export_model(backbone, tokenizer, run_dir / "model", pooling=spec.model.pooling,
+                     normalize=spec.model.normalize, query_prefix=spec.model.query_prefix,
+                     passage_prefix=spec.model.passage_prefix, max_seq_length=spec.model.passage_max_len,
+                     state_dict=state, card=card)
+    summary = {"steps": total_steps, "seconds": time.perf_counter() - start, "world_size": world,
+               "final_loss": None if result is None else result.loss}
+    if rank == 0:
+        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _full_state_dict(engine, spec: Spec) -> dict | None:
+    """The backbone's full weights (gathered from ZeRO-3 partitions), keys without the `backbone.` prefix."""
+    if spec.deepspeed.zero_stage == 3:
+        full = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        full = engine.module.state_dict()
+    if full is None:  # ranks other than 0 under ZeRO-3
+        return None
+    return {k[len("backbone."):]: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu()
+            for k, v in full.items() if k.startswith("backbone.")}

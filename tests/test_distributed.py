@@ -1,0 +1,115 @@
+"""The trainer under DeepSpeed, on CPU with gloo, through the same launcher command koe5-run uses.
+
+Every case trains 3 optimizer steps (fp32, dropout off) and compares the exported weights with a
+reference run to 1e-5: GradCache chunk sizes against no cache, ZeRO stages against each other, and two
+ranks with cross-device negatives against one process with the whole batch.
+
+Different chunkings sum float32 gradients in different orders (~1e-7 relative). AdamW divides by
+sqrt(v) + eps, so with the default eps of 1e-8 a weight whose gradient is pure rounding noise still takes
+a full-size step whose sign is random; eps = 1e-6 keeps such weights still and leaves every real update
+intact. The single-step gradient comparison in test_gradcache.py needs no such care.
+"""
+
+import functools
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from koe5.launch import training_command
+from koe5.spec import expand
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "koe5" / "assets" / "ko_sample" / "train.jsonl"
+WORK = None
+
+
+def _data_with_duplicates(path: Path) -> Path:
+    """32 triples where rows i and i+16 share their positive document and a few hard negatives copy
+    their own positive, so duplicate masking has work to do in every batch."""
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:32]]
+    for i in range(0, 16, 2):
+        rows[i + 16]["document"] = rows[i]["document"]
+    for i in (3, 11, 27):
+        rows[i]["hard_negative"] = rows[i]["document"]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@functools.cache
+def _workdir() -> Path:
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="koe5-dist-"))
+    _data_with_duplicates(d / "train.jsonl")
+    (d / "spec.yaml").write_text(f"""
+name: dist-check
+seed: 7
+model: {{name_or_path: "builtin:tiny-ko-bert", dropout: 0.0, query_max_len: 24, passage_max_len: 64}}
+data: {{sources: [{{path: {d / 'train.jsonl'}}}], hard_negatives: 1}}
+loss: {{temperature: 0.05}}
+train: {{batch_size: 8, max_steps: 3, lr: 1.0e-4, adam_eps: 1.0e-6, warmup_ratio: 0.0, scheduler: constant,
+        device: cpu, log_every: 1}}
+""", encoding="utf-8")
+    return d
+
+
+@functools.cache
+def trained_weights(*overrides: str) -> dict[str, torch.Tensor]:
+    work = _workdir()
+    rs = expand(work / "spec.yaml", list(overrides))[0]
+    run_dir = work / f"run-{rs.spec_hash}"
+    run_dir.mkdir(exist_ok=True)
+    rs.freeze(run_dir / "spec.yaml")
+    cmd = training_command(rs.spec, run_dir / "spec.yaml", run_dir)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict, tol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=tol, msg=name)
+
+
+def assert_trained(weights: dict) -> None:
+    """Guard against vacuous equality: the weights moved away from the initial model."""
+    from koe5.demo_model import build_demo_model
+
+    init = load_file(build_demo_model() / "model.safetensors")
+    moved = max((weights[k] - init[k]).abs().max().item() for k in init)
+    assert moved > 2e-4  # 3 AdamW steps of lr 1e-4 move most weights by ~3e-4
+
+
+@pytest.mark.parametrize("chunk", ["cache.chunk_size=1", "cache.chunk_size=3", "cache.chunk_size=8"])
+def test_gradcache_chunk_sizes_match_uncached_training(chunk):
+    reference = trained_weights("cache.enabled=false")
+    assert_trained(reference)
+    assert_same_weights(trained_weights(chunk), reference)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_match_stage_0_with_gradcache(stage):
+    two_ranks = ("launch.nproc_per_node=2", "cache.chunk_size=3")
+    reference = trained_weights(*two_ranks, "deepspeed.zero_stage=0")
+    assert_same_weights(trained_weights(*two_ranks, f"deepspeed.zero_stage={stage}"), reference)
+
+
+@pytest.mark.parametrize("mask", ["loss.mask_duplicates=true", "loss.mask_duplicates=false"])
+def test_two_ranks_with_cross_device_negatives_match_one_process(mask):
+    one = trained_weights("cache.chunk_size=3", mask)
+    two = trained_weights("launch.nproc_per_node=2", "cache.chunk_size=3", mask)
+    assert_trained(one)
+    assert_same_weights(two, one)
+
+
+def test_duplicate_masking_changes_training():
+    on = trained_weights("cache.chunk_size=3", "loss.mask_duplicates=true")
+    off = trained_weights("cache.chunk_size=3", "loss.mask_duplicates=false")
+    assert max((on[k] - off[k]).abs().max().item() for k in on) > 1e-5

@@ -1,0 +1,93 @@
+"""The quickstart end to end: koe5-run trains, evaluates and records; the model loads in
+sentence-transformers; a finished spec is not trained twice; a bad override exits 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
+
+
+def koe5_run(*args: str, registry: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KOE5_REGISTRY": str(registry), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "koe5.run", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quickstart")
+    registry = tmp / "koe5.duckdb"
+    proc = koe5_run(str(QUICKSTART), "train.max_steps=30", f"output_dir={tmp / 'runs'}", registry=registry)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return tmp, registry, proc
+
+
+def test_quickstart_trains_evaluates_and_records(quickstart):
+    tmp, registry, proc = quickstart
+    from koe5.registry import Registry
+
+    runs = {r["kind"]: r for r in Registry(registry).list_runs()}
+    assert set(runs) == {"train", "baseline"}
+    assert all(r["status"] == "finished" for r in runs.values())
+    trained = Registry(registry).get_run(runs["train"]["run_id"])
+    assert trained["run_id"] in proc.stdout  # the run id is printed
+    metrics = {(m["benchmark"], m["metric"], m["k"]): m["value"] for m in trained["metrics"]}
+    assert {"ndcg", "recall", "precision", "f1", "mrr", "map"} == {m for _, m, _ in metrics}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    base = {(m["benchmark"], m["metric"], m["k"]): m["value"]
+            for m in Registry(registry).get_run(runs["baseline"]["run_id"])["metrics"]}
+    # learning happens: clearly better than the untrained model it started from
+    assert metrics[("ko-sample", "ndcg", 10)] > base[("ko-sample", "ndcg", 10)] + 0.03
+    kinds = {a["kind"] for a in trained["artifacts"]}
+    assert {"model", "per_query", "run_dir"} <= kinds
+
+
+def test_exported_model_loads_in_sentence_transformers(quickstart):
+    tmp, registry, _ = quickstart
+    from sentence_transformers import SentenceTransformer
+
+    from koe5.model import load_encoder
+    from koe5.registry import Registry
+
+    run = Registry(registry).list_runs(status="finished")
+    model_dir = next(a["path"] for r in run for a in Registry(registry).get_run(r["run_id"])["artifacts"]
+                     if a["kind"] == "model")
+    st = SentenceTransformer(model_dir, device="cpu")
+    texts = ["서울 지하철 환승은 몇 분 안에 해야 하나요?", "반려견 예방접종 시기"]
+    ours = load_encoder(model_dir).encode(texts, "query: ", 32)
+    theirs = st.encode(texts, prompt_name="query", convert_to_numpy=True)
+    np.testing.assert_allclose(theirs, ours, atol=1e-5)
+    card = (Path(model_dir) / "README.md").read_text(encoding="utf-8")
+    assert "ndcg@10" in card and "builtin:tiny-ko-bert" in card  # the card carries results and base model
+
+
+def test_rerunning_a_finished_spec_does_not_train_again(quickstart):
+    tmp, registry, _ = quickstart
+    proc = koe5_run(str(QUICKSTART), "train.max_steps=30", f"output_dir={tmp / 'runs'}", registry=registry)
+    assert proc.returncode == 0
+    assert "already has a finished run" in proc.stdout
+
+
+def test_bad_override_exits_2_naming_the_key(tmp_path):
+    proc = koe5_run(str(QUICKSTART), "train.batch_sise=64", "loss.temperature=-1", registry=tmp_path / "r.duckdb")
+    assert proc.returncode == 2
+    assert "train.batch_sise" in proc.stderr and "batch_size" in proc.stderr
+    assert "loss.temperature" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r.duckdb").exists()  # nothing recorded
+
+
+def test_dry_run_json_prints_spec_hash_and_command(tmp_path):
+    proc = koe5_run(str(QUICKSTART), "--dry-run", "--json", registry=tmp_path / "r.duckdb")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out) >= {"spec", "spec_hash", "command"}
+    assert out["spec"]["model"]["name_or_path"] == "builtin:tiny-ko-bert"
+    assert not (tmp_path / "r.duckdb").exists()
