@@ -16,7 +16,8 @@ import streamlit as st
 from koe5.registry import Registry, RegistryError
 from koe5.registry.board import (CURVES, TABLE_METRICS, leaderboard, load_metrics, load_runs, load_train_log,
                                  runs_with_train_log, sweep_keys, sweep_points)
-from koe5.registry.commands import per_query_metric_columns, run_per_query, spec_diff
+from koe5.registry.commands import per_query_metric_columns, run_per_query
+from koe5.spec.diff import diff_yaml
 
 TTL_S = 5
 VIEWS = ("Leaderboard", "Sweeps", "Training curves", "Run")
@@ -153,7 +154,7 @@ def view_run(reg: Registry, runs: pd.DataFrame) -> None:
     if others:
         other = st.selectbox("Diff against", others, key="diff_against")
         other_run = reg.get_run(runs.iloc[labels.index(other)]["run_id"])
-        diffs = spec_diff(other_run["spec_yaml"], run["spec_yaml"])
+        diffs = diff_yaml(other_run["spec_yaml"], run["spec_yaml"])
         st.dataframe(pd.DataFrame([(k, str(a), str(b)) for k, a, b in diffs],
                                   columns=["key", other_run["run_id"], run["run_id"]]), hide_index=True)
 

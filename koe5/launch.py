@@ -40,10 +40,21 @@ def training_command(spec: Spec, frozen_spec: Path, run_dir: Path, port: int | N
             "--master_port", str(port), "-m", "koe5.train", *entry]
 
 
+def _die_with_parent() -> None:
+    """Linux: the ranks get SIGTERM if the orchestrator dies (even by SIGKILL), so no orphan keeps training."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_training(command: list[str]) -> int:
     """Run the ranks in the foreground (their progress bars go straight to the terminal); returns the
     exit status. A rank that fails writes its reason to <run_dir>/error.txt."""
-    proc = subprocess.Popen(command)
+    proc = subprocess.Popen(command, preexec_fn=_die_with_parent)
     try:
         return proc.wait()
     except BaseException:

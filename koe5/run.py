@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-HEARTBEAT_S = 10.0
+HEARTBEAT_S = float(os.environ.get("KOE5_HEARTBEAT_S", "10"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -101,6 +101,43 @@ def test_zero_stages_match_stage_0_with_gradcache(stage):
     assert_same_weights(trained_weights(*two_ranks, f"deepspeed.zero_stage={stage}"), reference)
 
 
+@pytest.mark.parametrize("variant", [
+    ("deepspeed.zero_stage=3", "cache.chunk_tokens=96"),  # per-rank chunk counts differ: empty chunks pad
+    ("deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"),
+    ("deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"),
+    ("train.gradient_checkpointing=true",),
+    ("loss.name=symmetric_infonce", "cache.enabled=false"),
+])
+def test_training_variants_match_their_reference(variant):
+    two_ranks = ("launch.nproc_per_node=2", "cache.chunk_size=3")
+    symmetric = ("loss.name=symmetric_infonce",) if "loss.name=symmetric_infonce" in variant else ()
+    reference = trained_weights(*two_ranks, *symmetric)
+    assert_same_weights(trained_weights(*two_ranks, *variant), reference)
+
+
+def test_token_budget_case_really_has_uneven_chunk_counts():
+    """The chunk_tokens=96 variant above exercises empty-chunk padding only if ranks disagree somewhere."""
+    from koe5.data.batches import rank_slice
+    from koe5.data.dataset import load_training_data
+    from koe5.model import load_backbone, resolve_model_path
+    from koe5.train.gradcache import make_chunks
+    from koe5.train.trainer import collate
+
+    spec = expand(_workdir() / "spec.yaml", ["launch.nproc_per_node=2", "cache.chunk_size=3",
+                                             "cache.chunk_tokens=96"])[0].spec
+    data = load_training_data(spec)
+    _, tokenizer = load_backbone(resolve_model_path(spec.model.name_or_path))
+    counts = set()
+    for step in range(3):
+        batch = data.global_batch(step)
+        per_rank = []
+        for rank in range(2):
+            _, docs, _, _ = collate(rank_slice(batch, rank, 2), tokenizer, spec, torch.device("cpu"))
+            per_rank.append(len(make_chunks(docs, 3, 96)))
+        counts.add(tuple(per_rank))
+    assert any(a != b for a, b in counts)
+
+
 @pytest.mark.parametrize("mask", ["loss.mask_duplicates=true", "loss.mask_duplicates=false"])
 def test_two_ranks_with_cross_device_negatives_match_one_process(mask):
     one = trained_weights("cache.chunk_size=3", mask)

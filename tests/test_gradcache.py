@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
 from koe5.model import EmbeddingModel
-from koe5.train.gradcache import chunk_slices, embed_without_grad, replay
+from koe5.train.gradcache import embed_without_grad, replay, row_chunks, token_chunks
 from koe5.train.step import StepConfig, train_step
 
 
@@ -68,8 +68,9 @@ def grads_of(model):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("loss_name", ["infonce", "symmetric_infonce"])
-@pytest.mark.parametrize("chunk_size", [1, 3, 1000])
-def test_gradcache_matches_full_batch_backprop(seed, loss_name, chunk_size):
+@pytest.mark.parametrize("chunking", [dict(chunk_size=1), dict(chunk_size=3), dict(chunk_size=1000),
+                                      dict(chunk_tokens=40), dict(chunk_tokens=100)])
+def test_gradcache_matches_full_batch_backprop(seed, loss_name, chunking):
     gen = torch.Generator().manual_seed(seed)
     b, n_neg, tau = 6, 2, 0.05
     queries = random_batch(b, 12, gen)
@@ -85,7 +86,7 @@ def test_gradcache_matches_full_batch_backprop(seed, loss_name, chunk_size):
     want = grads_of(ref)
 
     model = tiny_model(seed=seed)
-    cfg = StepConfig(loss_name=loss_name, temperature=tau, mask_duplicates=True, cache=True, chunk_size=chunk_size)
+    cfg = StepConfig(loss_name=loss_name, temperature=tau, mask_duplicates=True, cache=True, **chunking)
     result = train_step(PlainEngine(model), queries, docs, doc_ids, cfg, torch.device("cpu"))
     got = grads_of(model)
 
@@ -113,7 +114,7 @@ def test_replay_reproduces_dropout_bit_for_bit():
     gen = torch.Generator().manual_seed(11)
     model = tiny_model(dropout=0.3).train()
     batch = random_batch(10, 16, gen)
-    chunks = chunk_slices(10, 3)
+    chunks = row_chunks(10, 3)
     torch.manual_seed(123)
     first, states = embed_without_grad(model, batch, chunks, torch.device("cpu"))
     # the dropout masks really are random: a fresh forward differs
@@ -128,6 +129,19 @@ def test_replay_reproduces_dropout_bit_for_bit():
 
     replay(recording_model, batch, chunks, states, torch.ones_like(first), lambda s: s.backward())
     assert torch.equal(torch.cat(replayed), first)
+
+
+def test_token_chunks_respect_the_budget_and_cover_every_row_once():
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        lengths = torch.randint(1, 300, (int(torch.randint(1, 60, (1,), generator=gen)),), generator=gen).tolist()
+        budget = int(torch.randint(64, 4096, (1,), generator=gen))
+        chunks = token_chunks(lengths, budget)
+        rows = sorted(i for c in chunks for i in c.tolist())
+        assert rows == list(range(len(lengths)))
+        for c in chunks:
+            width = -(-max(lengths[i] for i in c.tolist()) // 8) * 8
+            assert len(c) == 1 or len(c) * width <= budget
 
 
 def test_duplicate_masking_changes_loss_only_when_duplicates_exist():

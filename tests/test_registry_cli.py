@@ -11,7 +11,7 @@ import yaml
 
 from koe5.cli import main
 from koe5.registry import Registry
-from koe5.registry.commands import flatten, spec_diff
+from koe5.spec.diff import ABSENT, diff_yaml, flatten
 from koe5.registry.demo import make_demo_registry
 
 
@@ -131,7 +131,8 @@ def test_diff(demo, capsys):
 def test_spec_diff_paths():
     a = "a: {b: 1, c: [1, 2]}\nd: x\n"
     b = "a: {b: 2, c: [1, 3, 4]}\ne: null\n"
-    assert spec_diff(a, b) == [("a.b", 1, 2), ("a.c[1]", 2, 3), ("a.c[2]", None, 4), ("d", "x", None), ("e", None, None)]
+    assert diff_yaml(a, b) == [("a.b", 1, 2), ("a.c[1]", 2, 3), ("d", "x", ABSENT), ("a.c[2]", ABSENT, 4),
+                               ("e", ABSENT, None)]
     assert flatten({"x": {}, "y": []}) == {"x": {}, "y": []}
 
 

@@ -121,7 +121,7 @@ def leaderboard(runs: pd.DataFrame, metrics: pd.DataFrame, benchmarks: list[str]
 def sweep_points(runs: pd.DataFrame, metrics: pd.DataFrame, sweep_id: str, key: str, metric: str, k: int,
                  benchmark: str | None) -> pd.DataFrame:
     """One row per run of the sweep: the swept value of `key` and the metric (×100; mean over benchmarks if None)."""
-    from koe5.registry.commands import flatten
+    from koe5.spec.diff import flatten
 
     rows = []
     for r in runs[runs["sweep_id"] == sweep_id].itertuples():

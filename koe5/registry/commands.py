@@ -19,6 +19,7 @@ import yaml
 
 from koe5.registry.connect import RegistryError
 from koe5.registry.store import STATUSES, Registry, parse_metric
+from koe5.spec.diff import ABSENT, diff_yaml
 
 # Statement kinds `koe5 sql` accepts (SHOW, DESCRIBE, SUMMARIZE and FROM-first queries parse as SELECT).
 READ_STATEMENTS = {"SELECT", "EXPLAIN"}
@@ -55,27 +56,6 @@ def _cli_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 
 def _registry(args: argparse.Namespace) -> Registry:
     return Registry(args.registry)
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': [1, 2]}} -> {'a.b[0]': 1, 'a.b[1]': 2}: every leaf under its spec key path."""
-    if isinstance(obj, dict) and obj:
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if isinstance(obj, list) and obj:
-        out = {}
-        for i, v in enumerate(obj):
-            out.update(flatten(v, f"{prefix}[{i}]"))
-        return out
-    return {prefix: obj}
-
-
-def spec_diff(yaml_a: str, yaml_b: str) -> list[tuple[str, Any, Any]]:
-    """(key path, value in a, value in b) for every key path whose value differs; missing keys are None."""
-    a, b = flatten(yaml.safe_load(yaml_a) or {}), flatten(yaml.safe_load(yaml_b) or {})
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) or (k in a) != (k in b)]
 
 
 def metric_table(runs: list[dict]) -> dict[tuple[str, str], list[float | None]]:
@@ -207,7 +187,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     reg = _registry(args)
     a, b = reg.get_run(args.run_a), reg.get_run(args.run_b)
     try:
-        diffs = spec_diff(a["spec_yaml"], b["spec_yaml"])
+        diffs = diff_yaml(a["spec_yaml"], b["spec_yaml"])
     except yaml.YAMLError as e:
         raise RegistryError(f"A stored spec is not valid YAML ({e}); the registry entry is damaged.") from None
     if args.json:
@@ -216,8 +196,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if not diffs:
         print("specs are identical")
         return 0
-    # JSON spelling, so 3e-05 is not rounded away and a missing key reads as null.
-    rows = [[k, json.dumps(va, ensure_ascii=False, default=str), json.dumps(vb, ensure_ascii=False, default=str)]
+    # JSON spelling, so 3e-05 is not rounded away.
+    rows = [[k] + [v if v is ABSENT else json.dumps(v, ensure_ascii=False, default=str) for v in (va, vb)]
             for k, va, vb in diffs]
     print(_table(["key", a["run_id"], b["run_id"]], rows))
     return 0

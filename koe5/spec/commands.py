@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from koe5.spec.diff import ABSENT, diff
 from koe5.spec.errors import SpecError
 from koe5.spec.load import expand
 
@@ -90,33 +91,8 @@ def cmd_diff(args) -> int:
     return 0
 
 
-_MISSING = "(absent)"
-
-
-def diff(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
-    """(key path, value in a, value in b) for every leaf that differs, in a's key order then b's."""
-    fa, fb = flatten(a), flatten(b)
-    keys = list(fa) + [k for k in fb if k not in fa]
-    return [(k, fa.get(k, _MISSING), fb.get(k, _MISSING)) for k in keys if fa.get(k, _MISSING) != fb.get(k, _MISSING)]
-
-
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """{key path: leaf value}; empty mappings and lists are leaves so that `{}` vs `{x: 1}` shows."""
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if isinstance(value, list) and value:
-        out = {}
-        for i, v in enumerate(value):
-            out.update(flatten(v, f"{prefix}[{i}]"))
-        return out
-    return {prefix: value}
-
-
 def _show(value: Any) -> str:
-    return value if value is _MISSING else json.dumps(value, ensure_ascii=False)
+    return value if value is ABSENT else json.dumps(value, ensure_ascii=False)
 
 
 def _load_side(ref: str, registry: str | None) -> tuple[str, dict]:

@@ -16,6 +16,16 @@ def trainer_clips(spec: Spec) -> bool:
     return spec.deepspeed.zero_stage == 0 and spec.train.precision == "fp32"
 
 
+def zero_config(spec: Spec) -> dict[str, Any]:
+    ds = spec.deepspeed
+    zero: dict[str, Any] = {"stage": int(ds.zero_stage)}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return zero
+
+
 def derived_config(spec: Spec, world_size: int) -> dict[str, Any]:
     """The keys koe5 derives from the spec, before `deepspeed.extra` is merged."""
     t = spec.train
@@ -30,7 +40,9 @@ def derived_config(spec: Spec, world_size: int) -> dict[str, Any]:
         # fp32 ZeRO-0 hands the torch optimizer through unwrapped and discards the gradient norm; there the
         # trainer clips in a pre-step hook (koe5/train/trainer.py) so the norm can be logged.
         "gradient_clipping": 0.0 if trainer_clips(spec) else float(t.grad_clip or 0.0),
-        "zero_optimization": {"stage": int(spec.deepspeed.zero_stage)},
+        "zero_optimization": zero_config(spec),
+        # koe5 passes a torch AdamW; with offload DeepSpeed would otherwise insist on its compiled CPU Adam.
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,  # koe5 logs its own diagnostics

@@ -65,6 +65,9 @@ class LossSpec:
 class CacheSpec:
     enabled: bool = doc("Use GradCache: embed in chunks without grad, then replay chunk by chunk.", True)
     chunk_size: int = doc("Rows per GradCache chunk (per rank).", 32)
+    chunk_tokens: Optional[int] = doc(
+        "Token budget per chunk instead of a row count: rows are sorted by length and packed so that "
+        "rows x padded length <= chunk_tokens (a longer single row gets a chunk of its own).", None)
 
 
 @dataclass
@@ -80,12 +83,17 @@ class TrainSpec:
     grad_clip: Optional[float] = doc("Clip the global gradient norm to this value; null disables.", 1.0)
     precision: Literal["fp32", "bf16", "fp16"] = doc("Training precision (bf16/fp16 through DeepSpeed's mixed precision).", "fp32")
     device: Literal["auto", "cpu", "cuda"] = doc("Where to train; auto picks cuda when available.", "auto")
+    gradient_checkpointing: bool = doc(
+        "Recompute each layer's activations in backward. Redundant with GradCache (whose memory is already "
+        "one chunk's activations); useful only to fit larger chunks, at ~30% more compute.", False)
     log_every: int = doc("Write a diagnostics row every this many steps.", 10)
 
 
 @dataclass
 class DeepSpeedSpec:
     zero_stage: Literal[0, 1, 2, 3] = doc("DeepSpeed ZeRO stage.", 0)
+    offload_optimizer: bool = doc("Keep optimizer states and the update on the CPU (needs zero_stage >= 1).", False)
+    offload_params: bool = doc("Keep parameters on the CPU between uses (needs zero_stage 3).", False)
     extra: dict = doc("Raw DeepSpeed config keys merged into the derived config.", {})
 
 

@@ -248,6 +248,7 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins) -> None:
         bad("train.batch_size", f"the global batch {t.batch_size} must split evenly over "
                                 f"launch.nproc_per_node={nproc} processes")
     need("cache.chunk_size", spec.cache.chunk_size, positive, "expected a positive chunk size")
+    need("cache.chunk_tokens", spec.cache.chunk_tokens, positive, "expected a positive token budget (or null)")
     if spec.cache.enabled and nproc_ok and batch_ok and isinstance(spec.cache.chunk_size, int):
         per_rank = t.batch_size // nproc
         if spec.cache.chunk_size > per_rank:
@@ -284,6 +285,9 @@ def _check_deepspeed(spec: schema.Spec, bad: Callable[[str, str], None], broken:
     if not isinstance(extra, dict) or "deepspeed.extra" in broken:
         return
     stage = spec.deepspeed.zero_stage
+    for key, min_stage in (("offload_optimizer", 1), ("offload_params", 3)):
+        if getattr(spec.deepspeed, key) is True and isinstance(stage, int) and stage < min_stage:
+            bad(f"deepspeed.{key}", f"{key} needs deepspeed.zero_stage >= {min_stage}, found zero_stage {stage}")
     zero = extra.get("zero_optimization") if isinstance(extra.get("zero_optimization"), dict) else {}
     for key, min_stage in (("offload_optimizer", 1), ("offload_param", 3)):
         offload = zero.get(key)

@@ -7,28 +7,71 @@
 
 Every replay is one `backward` on the engine; DeepSpeed runs in unmanaged accumulation mode, so the
 optimizer `step()` that follows is the single accumulation boundary (see koe5/spec/deepspeed.py).
+Under ZeRO-2/3 each forward and backward runs collectives, so every rank must run the same number of
+chunks: ranks with fewer chunks run empty ones (a one-row forward whose gradient is multiplied by 0).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from koe5.model import PAD_MULTIPLE
 
 Batch = dict[str, torch.Tensor]
+Chunk = Optional[torch.Tensor]  # row indices of the batch; None is an empty (padding) chunk
 
 
-def chunk_slices(n_rows: int, chunk_size: int) -> list[slice]:
-    return [slice(s, min(s + chunk_size, n_rows)) for s in range(0, n_rows, chunk_size)]
+def _padded(length: int) -> int:
+    return max(PAD_MULTIPLE, -(-length // PAD_MULTIPLE) * PAD_MULTIPLE)
 
 
-def take_chunk(batch: Batch, rows: slice) -> Batch:
-    """Rows of a padded batch, trimmed to the chunk's longest row rounded up to a multiple of 8."""
+def row_chunks(n_rows: int, chunk_size: int) -> list[Chunk]:
+    """Consecutive rows, `chunk_size` at a time."""
+    return [torch.arange(s, min(s + chunk_size, n_rows)) for s in range(0, n_rows, chunk_size)]
+
+
+def token_chunks(lengths: list[int], budget: int) -> list[Chunk]:
+    """Rows sorted by length (longest first) and packed while rows x padded length fits `budget`:
+    long rows get small chunks, short rows large ones, and padding inside a chunk stays small."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    chunks, current, width = [], [], 0
+    for i in order:
+        if current and (len(current) + 1) * width > budget:
+            chunks.append(torch.tensor(current))
+            current = []
+        if not current:
+            width = _padded(lengths[i])  # the longest row of the chunk sets its width
+        current.append(i)
+    if current:
+        chunks.append(torch.tensor(current))
+    return chunks
+
+
+def make_chunks(batch: Batch, chunk_size: int, chunk_tokens: Optional[int]) -> list[Chunk]:
+    if chunk_tokens:
+        return token_chunks(batch["attention_mask"].sum(1).tolist(), chunk_tokens)
+    return row_chunks(len(batch["input_ids"]), chunk_size)
+
+
+def pad_chunk_count(chunks: list[Chunk], device: torch.device) -> list[Chunk]:
+    """Append empty chunks until every rank has as many chunks as the rank with the most."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return chunks
+    count = torch.tensor([len(chunks)], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return chunks + [None] * (int(count.item()) - len(chunks))
+
+
+def take_chunk(batch: Batch, rows: Chunk) -> Batch:
+    """The chunk's rows, trimmed to its longest row rounded up to a multiple of 8. An empty chunk is the
+    batch's first row (any real input keeps the collectives of the forward and backward in step)."""
+    if rows is None:
+        rows = torch.tensor([0])
     mask = batch["attention_mask"][rows]
-    longest = int(mask.sum(1).max().item()) if mask.numel() else 0
-    width = min(mask.shape[1], max(PAD_MULTIPLE, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE))
+    width = min(mask.shape[1], _padded(int(mask.sum(1).max().item())))
     return {k: v[rows, :width] for k, v in batch.items()}
 
 
@@ -46,20 +89,27 @@ class RngState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-def embed_without_grad(model: Callable[..., torch.Tensor], batch: Batch, chunks: list[slice],
+def embed_without_grad(model: Callable[..., torch.Tensor], batch: Batch, chunks: list[Chunk],
                        device: torch.device) -> tuple[torch.Tensor, list[RngState]]:
-    states, parts = [], []
+    """Embeddings of every row (in batch order) and the RNG state before each chunk."""
+    states, out = [], None
     with torch.no_grad():
         for rows in chunks:
             states.append(RngState(device))
-            parts.append(model(**take_chunk(batch, rows)))
-    return torch.cat(parts), states
+            emb = model(**take_chunk(batch, rows))
+            if rows is None:
+                continue
+            if out is None:
+                out = emb.new_empty((len(batch["input_ids"]), emb.shape[1]))
+            out[rows.to(emb.device)] = emb
+    return out, states
 
 
-def replay(model: Callable[..., torch.Tensor], batch: Batch, chunks: list[slice], states: list[RngState],
+def replay(model: Callable[..., torch.Tensor], batch: Batch, chunks: list[Chunk], states: list[RngState],
            grad: torch.Tensor, backward: Callable[[torch.Tensor], None]) -> None:
     """Re-run each chunk with grad and backprop its cached embedding gradient."""
     for rows, state in zip(chunks, states):
         state.restore()
         emb = model(**take_chunk(batch, rows))
-        backward((emb * grad[rows].to(emb.dtype)).sum())
+        chunk_grad = torch.zeros_like(emb) if rows is None else grad[rows.to(grad.device)].to(emb.dtype)
+        backward((emb * chunk_grad).sum())

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from koe5.train.gradcache import chunk_slices, embed_without_grad, replay
+from koe5.train.gradcache import embed_without_grad, make_chunks, pad_chunk_count, replay
 from koe5.train.loss import LossResult, contrastive_loss
 
 
@@ -23,6 +24,7 @@ class StepConfig:
     cross_device: bool = True
     cache: bool = True
     chunk_size: int = 32
+    chunk_tokens: Optional[int] = None
 
 
 def train_step(engine, queries: dict, documents: dict, doc_ids: torch.Tensor, cfg: StepConfig,
@@ -32,8 +34,8 @@ def train_step(engine, queries: dict, documents: dict, doc_ids: torch.Tensor, cf
     loss_kwargs = dict(name=cfg.loss_name, temperature=cfg.temperature, mask_duplicates=cfg.mask_duplicates,
                        cross_device=cfg.cross_device)
     if cfg.cache:
-        q_chunks = chunk_slices(len(queries["input_ids"]), cfg.chunk_size)
-        d_chunks = chunk_slices(len(documents["input_ids"]), cfg.chunk_size)
+        q_chunks = pad_chunk_count(make_chunks(queries, cfg.chunk_size, cfg.chunk_tokens), device)
+        d_chunks = pad_chunk_count(make_chunks(documents, cfg.chunk_size, cfg.chunk_tokens), device)
         q_emb, q_states = embed_without_grad(engine, queries, q_chunks, device)
         d_emb, d_states = embed_without_grad(engine, documents, d_chunks, device)
         result = contrastive_loss(q_emb, d_emb, doc_ids, **loss_kwargs)

@@ -123,6 +123,8 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path) -> dict:
     total_steps = data.total_steps()
 
     backbone, tokenizer = load_backbone(model_path, spec.model.dropout)
+    if spec.train.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = EmbeddingModel(backbone, spec.model.pooling, spec.model.normalize)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay,
                                   eps=spec.train.adam_eps)
@@ -135,7 +137,8 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path) -> dict:
 
     cfg = StepConfig(loss_name=spec.loss.name, temperature=spec.loss.temperature,
                      mask_duplicates=spec.loss.mask_duplicates, cross_device=spec.loss.cross_device_negatives,
-                     cache=spec.cache.enabled, chunk_size=spec.cache.chunk_size)
+                     cache=spec.cache.enabled, chunk_size=spec.cache.chunk_size,
+                     chunk_tokens=spec.cache.chunk_tokens)
     log_path = run_dir / "train_log.jsonl"
     drawn: Counter = Counter()
     start = time.perf_counter()

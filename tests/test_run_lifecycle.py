@@ -1,0 +1,98 @@
+"""koe5-run's record of a run's life: SIGTERM -> killed, SIGKILL -> crashed (stale heartbeat), and a spec
+that fails validation records nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
+
+
+def start_long_run(tmp_path: Path, **env_extra) -> tuple[subprocess.Popen, Path]:
+    registry = tmp_path / "koe5.duckdb"
+    env = {**os.environ, "KOE5_REGISTRY": str(registry), "KOE5_HEARTBEAT_S": "0.5", **env_extra}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "koe5.run", str(QUICKSTART), "train.max_steps=100000", "eval.baseline=false",
+         f"output_dir={tmp_path / 'runs'}"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return proc, registry
+
+
+def ls(registry: Path, **env_extra) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "koe5.cli", "ls", "--json"], capture_output=True, text=True,
+                         env={**os.environ, "KOE5_REGISTRY": str(registry), **env_extra}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def wait_for_training(registry: Path, proc: subprocess.Popen, timeout: float = 300) -> dict:
+    """Until the run is `running` and its first training-log rows were folded in."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        logs = list((registry.parent / "runs").glob("*/train_log.jsonl"))
+        if registry.exists() and logs:
+            runs = ls(registry)
+            if runs and runs[0]["status"] == "running":
+                return runs[0]
+        time.sleep(1)
+    raise AssertionError("the run never started training")
+
+
+def test_sigterm_records_killed_with_the_reason(tmp_path):
+    proc, registry = start_long_run(tmp_path)
+    run = wait_for_training(registry, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    [after] = ls(registry)
+    assert after["run_id"] == run["run_id"]
+    assert after["status"] == "killed"
+    from koe5.registry import Registry
+
+    assert "SIGTERM" in Registry(registry).get_run(run["run_id"])["error"]
+
+
+def test_sigkill_shows_crashed_once_the_heartbeat_is_stale(tmp_path):
+    proc, registry = start_long_run(tmp_path)
+    wait_for_training(registry, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    time.sleep(4)
+    # the training rank died with its orchestrator instead of training on as an orphan
+    orphans = subprocess.run(["pgrep", "-f", f"koe5.train.*{tmp_path}"], capture_output=True, text=True)
+    assert orphans.stdout.strip() == ""
+    [run] = ls(registry, KOE5_HEARTBEAT_TIMEOUT="3")
+    assert run["status"] == "crashed"
+    [run] = ls(registry)  # with the default 60 s timeout it is still presumed alive
+    assert run["status"] == "running"
+
+
+def test_invalid_spec_records_nothing(tmp_path):
+    registry = tmp_path / "koe5.duckdb"
+    proc = subprocess.run([sys.executable, "-m", "koe5.run", str(QUICKSTART), "data.sources[0].path=/nope.jsonl"],
+                          capture_output=True, text=True, env={**os.environ, "KOE5_REGISTRY": str(registry)},
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert "data.sources[0].path" in proc.stderr and "Traceback" not in proc.stderr
+    assert not registry.exists()
+
+
+def test_a_diverging_loss_stops_the_run_and_marks_it_failed(tmp_path):
+    registry = tmp_path / "koe5.duckdb"
+    proc = subprocess.run(
+        [sys.executable, "-m", "koe5.run", str(QUICKSTART), "train.lr=1e30", "train.warmup_ratio=0",
+         "train.max_steps=40", "eval.baseline=false", f"output_dir={tmp_path / 'runs'}"],
+        capture_output=True, text=True, env={**os.environ, "KOE5_REGISTRY": str(registry)}, cwd=ROOT, timeout=600)
+    assert proc.returncode == 1
+    assert "the loss became nan" in proc.stderr and "Traceback" not in proc.stderr
+    [run] = ls(registry)
+    assert run["status"] == "failed"
+    from koe5.registry import Registry
+
+    assert "loss became nan" in Registry(registry).get_run(run["run_id"])["error"]
+    assert Registry(registry).get_run(run["run_id"])["metrics"] == []
