@@ -261,8 +261,9 @@ def evaluate_and_record(registry, run_id: str, model_path: str, spec, out_dir: P
     settings = EncodeSettings(m.query_prefix, m.passage_prefix, m.query_max_len, m.passage_max_len,
                               spec.eval.batch_size)
     benchmarks = [load_benchmark(b.path, name=b.name) for b in spec.eval.benchmarks]
+    # A run launched with several processes encodes with as many; the search and metrics stay here.
     results = evaluate_encoder(encoder, benchmarks, spec.eval.k, settings, cache_dir=default_cache_dir(),
-                               progress=True)
+                               progress=True, nproc=spec.launch.nproc_per_node)
     record_results(registry, run_id, results, str(out_dir), model_path)
     print(format_table(results, spec.eval.k))
     return results

@@ -91,3 +91,30 @@ def test_dry_run_json_prints_spec_hash_and_command(tmp_path):
     assert set(out) >= {"spec", "spec_hash", "command"}
     assert out["spec"]["model"]["name_or_path"] == "builtin:tiny-ko-bert"
     assert not (tmp_path / "r.duckdb").exists()
+
+
+def test_from_run_reproduces_the_stored_spec(quickstart):
+    tmp, registry, _ = quickstart
+    from koe5.registry import Registry
+
+    [trained] = Registry(registry).list_runs(status="finished", name_glob="quickstart")
+    same = koe5_run("--from-run", trained["run_id"][:20], "--dry-run", "--json", registry=registry)
+    assert same.returncode == 0, same.stderr
+    assert json.loads(same.stdout)["spec_hash"] == trained["spec_hash"]
+    varied = koe5_run("--from-run", trained["run_id"], "seed=3", "--dry-run", "--json", registry=registry)
+    out = json.loads(varied.stdout)
+    assert out["spec"]["seed"] == 3 and out["spec_hash"] != trained["spec_hash"]
+    unknown = koe5_run("--from-run", "19990101", "--dry-run", registry=registry)
+    assert unknown.returncode == 2 and "19990101" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def test_dry_run_json_lists_every_sweep_member(tmp_path):
+    proc = koe5_run(str(QUICKSTART), "sweep.train.batch_size=[16,32]", "sweep.loss.temperature=[0.02,0.05]",
+                    "--dry-run", "--json", registry=tmp_path / "r.duckdb")
+    assert proc.returncode == 0, proc.stderr
+    members = json.loads(proc.stdout)
+    assert isinstance(members, list) and len(members) == 4
+    assert len({m["spec_hash"] for m in members}) == 4
+    assert {(m["sweep_values"]["train.batch_size"], m["sweep_values"]["loss.temperature"]) for m in members} == \
+        {(16, 0.02), (16, 0.05), (32, 0.02), (32, 0.05)}
+    assert all(m["spec"]["train"]["batch_size"] == m["sweep_values"]["train.batch_size"] for m in members)

@@ -45,6 +45,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ks = sorted(set(args.k))
     if any(k < 1 for k in ks):
         return fail(f"--k values must be positive integers, got {args.k}")
+    if args.nproc < 1:
+        return fail(f"--nproc must be 1 or more, got {args.nproc}")
     benchmarks = []
     try:
         for arg in args.benchmark:
@@ -80,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             args.batch_size)
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     results = evaluate_encoder(encoder, benchmarks, ks, encode, cache_dir=cache_dir, index=args.index,
-                               progress=args.progress)
+                               progress=args.progress, nproc=args.nproc)
     settings = _settings(args, encoder, prefixes)
     run_id = None
     if not args.no_record:
@@ -168,6 +170,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--passage-max-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="encode with this many processes (one per GPU), each taking a slice of the texts")
     p.add_argument("--name", help="run name in the registry (default: baseline-<model>)")
     p.add_argument("--registry", metavar="PATH", help="registry file (default: $KOE5_REGISTRY or registry/koe5.duckdb)")
     p.add_argument("--out", metavar="DIR", help="artifact directory (default: artifacts/<run id> next to the registry)")

@@ -10,6 +10,7 @@ from typing import Sequence
 from koe5.eval.benchmark import Benchmark
 from koe5.eval.evaluate import EvalResult, cached, evaluate, write_mteb_json, write_per_query
 from koe5.eval.metrics import EVALUATOR_VERSION, METRICS
+from koe5.eval.shard import encode_sharded
 
 
 @dataclass
@@ -28,17 +29,24 @@ def default_cache_dir() -> str:
 
 
 def evaluate_encoder(encoder, benchmarks: Sequence[Benchmark], ks: Sequence[int], settings: EncodeSettings, *,
-                     cache_dir: str | None = None, index: str = "flat", progress: bool = False) -> list[EvalResult]:
+                     cache_dir: str | None = None, index: str = "flat", progress: bool = False,
+                     nproc: int = 1) -> list[EvalResult]:
     """Metrics of `encoder` on each benchmark. With `cache_dir`, embeddings are kept on disk keyed by the
-    model's content hash and the settings, so re-evaluating the same model never re-encodes."""
+    model's content hash and the settings, so re-evaluating the same model never re-encodes. With
+    `nproc` > 1 the texts are encoded by that many processes (koe5/eval/shard.py)."""
     s = settings
 
+    def encode(texts, prefix, max_len, what):
+        if nproc > 1:
+            return encode_sharded(encoder.path, texts, prefix, max_len, nproc=nproc, batch_size=s.batch_size,
+                                  pooling=encoder.model.pooling, normalize=encoder.model.normalize)
+        return encoder.encode(texts, prefix, max_len, s.batch_size, progress=progress and what)
+
     def encode_queries(texts):
-        return encoder.encode(texts, s.query_prefix, s.query_max_len, s.batch_size, progress=progress and "queries")
+        return encode(texts, s.query_prefix, s.query_max_len, "queries")
 
     def encode_passages(texts):
-        return encoder.encode(texts, s.passage_prefix, s.passage_max_len, s.batch_size,
-                              progress=progress and "passages")
+        return encode(texts, s.passage_prefix, s.passage_max_len, "passages")
 
     if cache_dir:
         common = {"model": encoder.fingerprint, "pooling": encoder.model.pooling,
