@@ -102,8 +102,34 @@ def attach_grad_norm(optimizer, model, max_norm: float | None) -> list:
     return latest
 
 
-def train(spec: Spec, spec_yaml: str, run_dir: Path) -> dict:
+def build_engine(spec: Spec, model_path: str, world: int, total_steps: int):
+    """(DeepSpeed engine, backbone, tokenizer, grad-norm holder): the model, AdamW, the warmup/decay
+    schedule and the derived DeepSpeed config. Benchmarks build their engine here too, so they time the
+    code that koe5-run trains with."""
     import deepspeed
+
+    backbone, tokenizer = load_backbone(model_path, spec.model.dropout)
+    if spec.train.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = EmbeddingModel(backbone, spec.model.pooling, spec.model.normalize)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay,
+                                  eps=spec.train.adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, spec.train.warmup_ratio, spec.train.scheduler))
+    grad_norm = attach_grad_norm(optimizer, model, spec.train.grad_clip) if trainer_clips(spec) else None
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(spec, world))
+    return engine, backbone, tokenizer, grad_norm
+
+
+def step_config(spec: Spec) -> StepConfig:
+    return StepConfig(loss_name=spec.loss.name, temperature=spec.loss.temperature,
+                      mask_duplicates=spec.loss.mask_duplicates, cross_device=spec.loss.cross_device_negatives,
+                      cache=spec.cache.enabled, chunk_size=spec.cache.chunk_size,
+                      chunk_tokens=spec.cache.chunk_tokens)
+
+
+def train(spec: Spec, spec_yaml: str, run_dir: Path) -> dict:
     import transformers
     from tqdm.auto import tqdm
 
@@ -122,23 +148,10 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path) -> dict:
     data = load_training_data(spec)
     total_steps = data.total_steps()
 
-    backbone, tokenizer = load_backbone(model_path, spec.model.dropout)
-    if spec.train.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = EmbeddingModel(backbone, spec.model.pooling, spec.model.normalize)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay,
-                                  eps=spec.train.adam_eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, spec.train.warmup_ratio, spec.train.scheduler))
-    grad_norm = attach_grad_norm(optimizer, model, spec.train.grad_clip) if trainer_clips(spec) else None
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(spec, world))
+    engine, backbone, tokenizer, grad_norm = build_engine(spec, model_path, world, total_steps)
     seed_everything(spec.seed * 1000 + rank)
 
-    cfg = StepConfig(loss_name=spec.loss.name, temperature=spec.loss.temperature,
-                     mask_duplicates=spec.loss.mask_duplicates, cross_device=spec.loss.cross_device_negatives,
-                     cache=spec.cache.enabled, chunk_size=spec.cache.chunk_size,
-                     chunk_tokens=spec.cache.chunk_tokens)
+    cfg = step_config(spec)
     log_path = run_dir / "train_log.jsonl"
     drawn: Counter = Counter()
     start = time.perf_counter()
@@ -162,7 +175,7 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path) -> dict:
             now = time.perf_counter()
             norm = grad_norm[0] if grad_norm is not None else engine.get_global_grad_norm()
             row = {
-                "step": step + 1, "epoch": epoch, "loss": result.loss, "lr": scheduler.get_last_lr()[0],
+                "step": step + 1, "epoch": epoch, "loss": result.loss, "lr": engine.get_lr()[0],
                 "grad_norm": None if norm is None else float(norm),
                 "triples_per_s": window_triples / (now - window_start),
                 "tokens_per_s": window_tokens / (now - window_start),
