@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,27 @@ def test_duplicate_masking_changes_training():
     on = trained_weights("cache.chunk_size=3", "loss.mask_duplicates=true")
     off = trained_weights("cache.chunk_size=3", "loss.mask_duplicates=false")
     assert max((on[k] - off[k]).abs().max().item() for k in on) > 1e-5
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_gradients_are_reduced_once_per_step_not_once_per_chunk(stage, tmp_path):
+    """ZeRO 0/1: no gradient collective inside any chunk's backward; the reduction happens in step().
+    ZeRO 2 reduce-scatters partitions during backward by design (its result equals ZeRO 0's, tested
+    above); it is here to show that the counter does see collectives inside backward."""
+    rs = expand(_workdir() / "spec.yaml", ["launch.nproc_per_node=2", "cache.chunk_size=1",
+                                           f"deepspeed.zero_stage={stage}"])[0]
+    rs.freeze(tmp_path / "spec.yaml")
+    from koe5.launch import free_port
+
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "ranks" / "count_reductions.py"), str(tmp_path / "spec.yaml"), str(tmp_path / "out.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = json.loads((tmp_path / "out.json").read_text())
+    assert counts["backward_calls"] == 2 * (4 + 8)  # 2 steps x (4 query + 8 document chunks of one row)
+    if stage == 2:
+        assert counts["backward"] > 0
+        return
+    assert counts.get("backward", 0) == 0
+    assert counts["step"] >= 2  # at least one reduction per step, none per chunk
