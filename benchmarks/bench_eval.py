@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from koe5.eval.benchmark import load_benchmark
-from koe5.eval.evaluate import cached, evaluate
+from koe5.eval.model_eval import EncodeSettings, evaluate_encoder
 from koe5.eval.presets import write_beir
 
 SYLLABLES = list("가나다라마바사아자차카타파하고노도로모보소오조초코토포호구누두루무부수우주추쿠투푸후기니디리미비시이지치키티피히한국서울대학교사람시간문제경제정치사회문화역사과학기술")
@@ -69,16 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         bench = load_benchmark(os.path.join(tmp, "bench"), name="synthetic")
         load_s = time.perf_counter() - t0
         encoder = load_encoder(args.model, device=args.device)
-        key = {"model": encoder.fingerprint, "max_len": args.max_len, "device": args.device}
-
-        def enc(prefix):
-            return lambda texts: encoder.encode(texts, prefix, args.max_len, args.batch_size)
+        settings = EncodeSettings("query: ", "passage: ", args.max_len, args.max_len, args.batch_size)
 
         runs = []
-        for attempt in ("cold", "cached"):
-            result = evaluate(cached(enc("query: "), os.path.join(tmp, "cache"), {**key, "prefix": "query: "}),
-                              cached(enc("passage: "), os.path.join(tmp, "cache"), {**key, "prefix": "passage: "}),
-                              bench, [1, 3, 5, 10])
+        for attempt in ("cold", "cached"):  # the same code path koe5-run and koe5 eval use
+            [result] = evaluate_encoder(encoder, [bench], [1, 3, 5, 10], settings,
+                                        cache_dir=os.path.join(tmp, "cache"))
             runs.append({"run": attempt, **{k: round(v, 3) for k, v in result.seconds.items()},
                          "total": round(sum(result.seconds.values()), 3),
                          "ndcg@10": round(result.metrics.aggregate[("ndcg", 10)], 4)})
