@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(run_dir, f"bad training data: {e}", EXIT_BAD_INPUT)
     except NonFiniteLoss as e:
         return _fail(run_dir, str(e), EXIT_NON_FINITE)
+    finally:
+        # Exiting with a live process group (ZeRO-2's communication state) can abort the interpreter.
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -60,6 +60,9 @@ def main(spec_path: str, out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump({"backward_calls": backwards["n"], **counts}, f)
+    # Leave the group cleanly: exiting with ZeRO-2's communication state alive can abort the process.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
