@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         spec_path = _spec_from_run(args.from_run) if args.from_run else args.spec
-        resolved = expand(spec_path, args.overrides)
+        # A dry run launches nothing here, so the spec is checked as one that may run elsewhere; a real
+        # run is checked against this machine's devices and files.
+        resolved = expand(spec_path, args.overrides, check_devices=not args.dry_run)
     except SpecError as e:
         print(str(e), file=sys.stderr)
         return EXIT_BAD_INPUT

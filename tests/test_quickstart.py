@@ -118,3 +118,20 @@ def test_dry_run_json_lists_every_sweep_member(tmp_path):
     assert {(m["sweep_values"]["train.batch_size"], m["sweep_values"]["loss.temperature"]) for m in members} == \
         {(16, 0.02), (16, 0.05), (32, 0.02), (32, 0.05)}
     assert all(m["spec"]["train"]["batch_size"] == m["sweep_values"]["train.batch_size"] for m in members)
+
+
+def test_dry_run_checks_a_spec_meant_for_another_machine(tmp_path):
+    """--dry-run launches nothing here: devices and paths of the target machine are warnings, not errors;
+    the real run on this machine refuses the same spec."""
+    args = [str(QUICKSTART), "launch.nproc_per_node=64", "launch.backend=deepspeed", "train.batch_size=64",
+            "cache.chunk_size=1", "data.sources[0].path=/cluster/data/ko.jsonl"]
+    dry = koe5_run(*args, "--dry-run", "--json", registry=tmp_path / "r.duckdb")
+    assert dry.returncode == 0, dry.stderr
+    assert "/cluster/data/ko.jsonl" in dry.stderr and "does not exist on this machine" in dry.stderr
+    assert json.loads(dry.stdout)["spec"]["launch"]["nproc_per_node"] == 64
+    real = koe5_run(*args, registry=tmp_path / "r.duckdb")
+    assert real.returncode == 2 and "data.sources[0].path" in real.stderr
+    # device checks come once the spec is otherwise valid (they import torch)
+    real = koe5_run(*args[:-1], registry=tmp_path / "r.duckdb")
+    assert real.returncode == 2 and "launch.nproc_per_node" in real.stderr
+    assert not (tmp_path / "r.duckdb").exists()

@@ -68,7 +68,8 @@ class ResolvedSpec:
 def expand(path: str | Path, overrides: Sequence[str] = (), *, check_devices: bool = True) -> list[ResolvedSpec]:
     """Load a spec file, apply overrides, validate everything, expand the sweep. Raises SpecError.
 
-    check_devices=False skips the checks against this machine's GPUs/CPUs (for specs launched elsewhere).
+    check_devices=False is for specs that run on another machine (--dry-run, --emit): it skips the checks
+    against this machine's GPUs/CPUs and reports data or benchmark paths missing here as warnings.
     """
     path = Path(path)
     raw, origins = load_chain(path)
@@ -104,8 +105,9 @@ def _expand(raw: dict, origins: Origins, overrides: Sequence[str], path: Path | 
     seen: dict[tuple[str, str], list[int]] = {}
     for m, choice in enumerate(grid):
         member_errors: list[tuple[str, str]] = []
-        spec, member_origins = _member(raw, origins, choice, member_errors, cwd)
-        members.append(({k: v for k, _, _, v in choice}, spec, [], member_origins))
+        elsewhere: list[str] | None = None if check_devices else []
+        spec, member_origins = _member(raw, origins, choice, member_errors, cwd, elsewhere)
+        members.append(({k: v for k, _, _, v in choice}, spec, elsewhere or [], member_origins))
         for error in member_errors:
             seen.setdefault(error, []).append(m)
     for (key, message), where in seen.items():
@@ -131,7 +133,8 @@ def _expand(raw: dict, origins: Origins, overrides: Sequence[str], path: Path | 
         data = dataclasses.asdict(spec)
         for _, file in data_paths(data):
             if file not in prints:
-                prints[file] = fingerprint(file)
+                # Only a spec checked for another machine can name a path that is not here.
+                prints[file] = fingerprint(file) if Path(file).exists() else f"missing:{file}"
         own = {file: prints[file] for _, file in data_paths(data)}
         out.append(ResolvedSpec(spec, data, spec_hash(data, own), sweep_values, path,
                                 list(dict.fromkeys(warnings)), own))
@@ -165,7 +168,8 @@ def _sweep_axes(sweep: Any, origins: Origins, errors: list, cwd: Path) -> list[t
     return axes
 
 
-def _member(raw: dict, origins: Origins, choice, errors: list, cwd: Path) -> tuple[Spec, Origins]:
+def _member(raw: dict, origins: Origins, choice, errors: list, cwd: Path,
+            elsewhere: list[str] | None = None) -> tuple[Spec, Origins]:
     """Validate one concrete spec (raw with one value per sweep axis set)."""
     data = copy.deepcopy(raw)
     origins = dict(origins)
@@ -178,7 +182,7 @@ def _member(raw: dict, origins: Origins, choice, errors: list, cwd: Path) -> tup
     data = interpolate(data, errors, origins)
     spec = validate.build(Spec, data, "", errors, origins)
     validate.resolve_paths(spec, origins, cwd)
-    validate.check_rules(spec, errors, origins)
+    validate.check_rules(spec, errors, origins, elsewhere)
     # A value that came from the sweep is reported under the sweep key that set it.
     swept = {key: f"sweep.{key}[{j}]" for key, _, j, _ in choice}
     for i, (path, message) in enumerate(errors):

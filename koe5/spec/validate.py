@@ -185,13 +185,21 @@ class _Broken(set):
         return False
 
 
-def check_rules(spec: schema.Spec, errors: Errors, origins: Origins) -> None:
-    """Value ranges and cross-field rules. Keys that already failed their type check are skipped."""
+def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: list[str] | None = None) -> None:
+    """Value ranges and cross-field rules. Keys that already failed their type check are skipped.
+    With `elsewhere` (a spec meant for another machine: --dry-run, --emit), a data or benchmark path
+    missing here is a warning appended to it instead of an error."""
     broken = _Broken(p for p, _ in errors)
 
     def bad(path: str, message: str) -> None:
         if path not in broken:
             errors.append((path, label_for(path, origins) + message))
+
+    def missing(path: str, message: str) -> None:
+        if elsewhere is None:
+            bad(path, message)
+        elif path not in broken:
+            elsewhere.append(f"{path}: {message} on this machine; it must exist where the run starts")
 
     def need(path: str, value: Any, ok: Callable[[Any], bool], message: str) -> None:
         if value is not None and path not in broken and not ok(value):
@@ -219,7 +227,7 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins) -> None:
                 continue
             need(f"data.sources[{i}].weight", s.weight, finite_positive, "expected a weight > 0")
             if isinstance(s.path, str) and f"data.sources[{i}].path" not in broken and not Path(s.path).exists():
-                bad(f"data.sources[{i}].path", f"file {s.path} does not exist")
+                missing(f"data.sources[{i}].path", f"file {s.path} does not exist")
     need("data.hard_negatives", d.hard_negatives, lambda v: v >= 0, "expected 0 or more")
 
     need("loss.temperature", spec.loss.temperature, finite_positive, "expected a temperature > 0")
@@ -274,8 +282,8 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins) -> None:
             if isinstance(b.name, str) and names.count(b.name) > 1:
                 bad(f"eval.benchmarks[{i}].name", f"benchmark name {b.name!r} is used twice; names label results")
             if isinstance(b.path, str) and f"eval.benchmarks[{i}].path" not in broken and not Path(b.path).is_dir():
-                bad(f"eval.benchmarks[{i}].path", f"benchmark directory {b.path} does not exist (expected BEIR "
-                                                  "layout: corpus.jsonl, queries.jsonl, qrels/test.tsv)")
+                missing(f"eval.benchmarks[{i}].path", f"benchmark directory {b.path} does not exist (expected "
+                                                      "BEIR layout: corpus.jsonl, queries.jsonl, qrels/test.tsv)")
 
     _check_deepspeed(spec, bad, broken, nproc if nproc_ok else 1)
 
