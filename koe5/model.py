@@ -62,6 +62,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def load_backbone(name_or_path: str, dropout: Optional[float] = None):
     """(backbone, tokenizer) from a hub id, a local directory or the builtin demo name."""
+    import transformers
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
@@ -73,7 +74,17 @@ def load_backbone(name_or_path: str, dropout: Optional[float] = None):
     # The pooler head is never used (koe5 pools itself); leaving it out keeps every parameter trained,
     # which ZeRO's gradient partitioning expects.
     extra = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "xlm-roberta") else {}
-    backbone = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa", **extra)
+    # transformers reports the (intentionally) skipped pooler head as unexpected weights; say nothing.
+    # Its per-tensor loading bar is noise too.
+    verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        backbone = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa", **extra)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return backbone, tokenizer
 

@@ -98,7 +98,7 @@ def dry_run(resolved: list, as_json: bool) -> int:
         run_dir = Path(rs.spec.output_dir) / f"{rs.spec.name}-<run_id>"
         command = training_command(rs.spec, run_dir / "spec.yaml", run_dir, port=29500)
         entries.append({"spec": rs.data, "spec_hash": rs.spec_hash, "command": command,
-                        "sweep_values": rs.sweep_values})
+                        "deepspeed": rs.deepspeed_config(), "sweep_values": rs.sweep_values})
     if as_json:
         if len(entries) == 1:
             entries[0].pop("sweep_values")
@@ -111,6 +111,7 @@ def dry_run(resolved: list, as_json: bool) -> int:
             print(f"# sweep member: {entry['sweep_values']}")
         print(rs.to_yaml().rstrip())
         print(f"# spec_hash: {rs.spec_hash}")
+        print(f"# deepspeed config: {json.dumps(entry['deepspeed'], sort_keys=True)}")
         print(f"# command: {' '.join(entry['command'])}\n")
     return EXIT_OK
 

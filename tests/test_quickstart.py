@@ -88,8 +88,10 @@ def test_dry_run_json_prints_spec_hash_and_command(tmp_path):
     proc = koe5_run(str(QUICKSTART), "--dry-run", "--json", registry=tmp_path / "r.duckdb")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert set(out) >= {"spec", "spec_hash", "command"}
+    assert set(out) >= {"spec", "spec_hash", "command", "deepspeed"}
     assert out["spec"]["model"]["name_or_path"] == "builtin:tiny-ko-bert"
+    assert out["deepspeed"]["train_batch_size"] == out["spec"]["train"]["batch_size"]
+    assert out["deepspeed"]["managed_gradient_accumulation"] is False
     assert not (tmp_path / "r.duckdb").exists()
 
 
