@@ -1,0 +1,25 @@
+"""Smoke run of the training benchmark on CPU (tiny shape, one timed step): it runs koe5's real step and
+the sentence-transformers baseline and reports well-formed measurements. No timing is asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_train_smoke(tmp_path):
+    out = tmp_path / "train.jsonl"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--steps", "1", "--batch", "8",
+                           "--chunk", "4", "--encode", "64", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    train = {r["variant"]: r for r in rows if r["measure"] == "train_step"}
+    assert set(train) == {"koe5", "st-cached-mnrl"}
+    for r in train.values():
+        assert r["triples_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_mem_gib"] > 0
+        assert r["final_loss"] == r["final_loss"]  # not NaN
+    assert any(r["measure"] == "encode" and r["passages_per_s"] > 0 for r in rows)
+    assert "koe5 / st-cached-mnrl" in proc.stdout
