@@ -1,0 +1,33 @@
+"""Every shipped experiment spec validates (as a dry run: specs such as koe5-large are meant for GPU
+machines with their own data, so devices and paths of this machine are only warnings there)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted((ROOT / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.stem for s in SPECS])
+def test_experiment_dry_run_validates(spec, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "koe5.run", str(spec), "--dry-run", "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KOE5_REGISTRY": str(tmp_path / "r")})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out["spec_hash"]) == 16 and "Traceback" not in proc.stderr
+
+
+def test_koe5_large_is_the_original_recipe(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "koe5.run", str(ROOT / "experiments" / "koe5-large.yaml"),
+                           "--dry-run", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    spec = json.loads(proc.stdout)["spec"]
+    assert spec["model"]["name_or_path"] == "intfloat/multilingual-e5-large"
+    assert (spec["train"]["batch_size"], spec["cache"]["chunk_size"], spec["train"]["lr"]) == (512, 32, 1e-5)
+    assert (spec["train"]["epochs"], spec["train"]["warmup_ratio"], spec["train"]["precision"]) == (1, 0.1, "bf16")
+    assert spec["loss"]["temperature"] == 0.02 and spec["launch"]["nproc_per_node"] == 8
+    assert [b["name"] for b in spec["eval"]["benchmarks"]] == ["ko-strategyqa", "autorag", "publichealthqa"]
