@@ -25,24 +25,35 @@ HEARTBEAT_S = float(os.environ.get("KOE5_HEARTBEAT_S", "10"))
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="koe5-run", description="Validate an experiment spec, train, evaluate and record the run.")
-    parser.add_argument("spec", nargs="?", help="experiment YAML (omit with --from-run)")
+    parser.add_argument("spec", nargs="?", help="experiment YAML (omit with --from-run or --resume)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="typed overrides, e.g. train.lr=1e-5")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved spec, its hash and the command")
     parser.add_argument("--json", action="store_true", help="with --dry-run: one JSON object (a list for sweeps)")
     parser.add_argument("--force", action="store_true", help="run even if this spec hash already finished")
     parser.add_argument("--from-run", metavar="RUN", help="re-run the resolved spec stored with RUN")
+    parser.add_argument("--resume", metavar="RUN", help="continue an interrupted RUN from its newest checkpoint")
     args = parser.parse_args(argv)
-    if args.spec and "=" in args.spec and not args.spec.endswith((".yaml", ".yml")) and args.from_run:
+    by_run = args.from_run or args.resume
+    if args.spec and "=" in args.spec and not args.spec.endswith((".yaml", ".yml")) and by_run:
         args.overrides.insert(0, args.spec)  # `koe5-run --from-run X a=b`: the first override lands in spec
         args.spec = None
-    if not args.spec and not args.from_run:
-        parser.error("give a spec file, or --from-run RUN")
+    if not args.spec and not by_run:
+        parser.error("give a spec file, --from-run RUN or --resume RUN")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from koe5.spec import SpecError, expand
+
+    if args.resume:
+        from koe5.registry import Registry, RegistryError
+
+        try:
+            return resume(args.resume, Registry(os.environ.get("KOE5_REGISTRY")), args.overrides)
+        except RegistryError as e:
+            print(f"koe5-run: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
 
     try:
         spec_path = _spec_from_run(args.from_run) if args.from_run else args.spec
@@ -174,7 +185,7 @@ def _raise_killed(signum, frame):
 
 
 def run_one(rs, registry, sweep_id: str | None, force: bool) -> int:
-    from koe5.launch import resolve_backend, run_training, training_command
+    """Train `rs` as a new run, or resume the interrupted run of the same spec, or do nothing if it finished."""
     from koe5.spec.deepspeed import deepspeed_config
 
     spec = rs.spec
@@ -183,6 +194,12 @@ def run_one(rs, registry, sweep_id: str | None, force: bool) -> int:
         print(f"koe5-run: spec {rs.spec_hash} already has a finished run, {finished[0]['run_id']}; "
               f"nothing to do (use --force to train again, `koe5 show {finished[0]['run_id']}` to see it)")
         return EXIT_OK
+    if not force:
+        for candidate in registry.find_runs(rs.spec_hash):
+            if candidate["status"] in RESUMABLE and _checkpoint_step(_run_dir(registry, candidate)) is not None:
+                print(f"koe5-run: spec {rs.spec_hash} has an interrupted run, {candidate['run_id']} "
+                      f"({candidate['status']}); resuming it (use --force to start a new run instead)")
+                return resume(candidate["run_id"], registry, [])
 
     world = spec.launch.nproc_per_node
     ds_config = deepspeed_config(spec, world)
@@ -192,20 +209,83 @@ def run_one(rs, registry, sweep_id: str | None, force: bool) -> int:
                                  sweep_values=rs.sweep_values or None)
     run_dir = (Path(spec.output_dir) / f"{spec.name}-{run_id}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    frozen = run_dir / "spec.yaml"
-    rs.freeze(frozen)
+    rs.freeze(run_dir / "spec.yaml")
     registry.add_artifact(run_id, "run_dir", str(run_dir))
     (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     print(f"run {run_id}: {spec.name} -> {run_dir}")
+    return execute(rs, registry, run_id, run_dir, baseline_sweep=sweep_id, with_baseline=True)
 
+
+# A run in one of these states stopped before it finished; with a checkpoint it can continue.
+RESUMABLE = ("failed", "killed", "crashed")
+
+
+def _run_dir(registry, record: dict) -> Path | None:
+    full = registry.get_run(record["run_id"])
+    return next((Path(a["path"]) for a in full["artifacts"] if a["kind"] == "run_dir"), None)
+
+
+def _checkpoint_step(run_dir: Path | None) -> int | None:
+    from koe5.train import checkpoint
+
+    latest = checkpoint.latest(run_dir) if run_dir else None
+    return checkpoint.info(latest)["step"] if latest else None
+
+
+def resume(run: str, registry, overrides: list[str]) -> int:
+    """Continue an interrupted run from its newest checkpoint, in the same run directory and run id.
+    Overrides may only change keys marked resume-safe in the schema (logging, checkpointing, evaluation)."""
+    from koe5.spec import SpecError, expand, load_frozen
+    from koe5.spec.diff import diff
+    from koe5.spec.introspect import resume_safe
+
+    record = registry.get_run(run)
+    run_id = record["run_id"]
+    if record["status"] not in RESUMABLE:
+        print(f"koe5-run: run {run_id} is {record['status']}; only a failed, killed or crashed run can be resumed",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    run_dir = _run_dir(registry, record)
+    step = _checkpoint_step(run_dir)
+    if step is None:
+        print(f"koe5-run: run {run_id} has no checkpoint to resume from (set train.save_every to write them); "
+              f"start it again with `koe5-run --from-run {run_id} --force`", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    frozen = run_dir / "spec.yaml"
+    old = load_frozen(frozen)
+    try:
+        rs = expand(frozen, overrides)[0] if overrides else old
+    except SpecError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    unsafe = [(k, a, b) for k, a, b in diff(old.data, rs.data) if not resume_safe(k)]
+    if unsafe:
+        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in unsafe)
+        print(f"koe5-run: cannot resume run {run_id} with a changed experiment; these keys change the training "
+              f"itself:\n{lines}\nStart a new run instead (koe5-run --from-run {run_id} ...).", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if rs is not old:
+        rs.freeze(frozen)
+    registry.drop_train_log_after(run_id, step)
+    print(f"run {run_id}: resuming from step {step} -> {run_dir}")
+    return execute(rs, registry, run_id, run_dir, baseline_sweep=None, with_baseline=False)
+
+
+def execute(rs, registry, run_id: str, run_dir: Path, *, baseline_sweep: str | None, with_baseline: bool) -> int:
+    """Launch the ranks on the frozen spec in `run_dir`, then evaluate and record; the common path of a new
+    run and a resumed one."""
+    from koe5.launch import resolve_backend, run_training, training_command
+
+    spec = rs.spec
     previous = {s: signal.signal(s, _raise_killed) for s in (signal.SIGTERM, signal.SIGINT)}
     heartbeat = Heartbeat(registry, run_id, run_dir / "train_log.jsonl")
     try:
-        if spec.eval.baseline and spec.eval.benchmarks:
-            record_baseline(rs, registry, sweep_id, run_dir / "baseline")
+        if with_baseline and spec.eval.baseline and spec.eval.benchmarks:
+            record_baseline(rs, registry, baseline_sweep, run_dir / "baseline")
         registry.set_status(run_id, "running")
         heartbeat.start()
-        command = training_command(spec, frozen, run_dir)
+        (run_dir / "error.txt").unlink(missing_ok=True)
+        command = training_command(spec, run_dir / "spec.yaml", run_dir)
         print(f"launch ({resolve_backend(spec)}): {' '.join(command)}")
         code = run_training(command)
         heartbeat.stopped.set()

@@ -96,3 +96,38 @@ def test_a_diverging_loss_stops_the_run_and_marks_it_failed(tmp_path):
 
     assert "loss became nan" in Registry(registry).get_run(run["run_id"])["error"]
     assert Registry(registry).get_run(run["run_id"])["metrics"] == []
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_when_the_spec_is_run_again(tmp_path):
+    from koe5.registry import Registry
+    from koe5.train import checkpoint
+
+    registry = tmp_path / "koe5.duckdb"
+    env = {**os.environ, "KOE5_REGISTRY": str(registry), "KOE5_HEARTBEAT_S": "0.5"}
+    args = [sys.executable, "-m", "koe5.run", str(QUICKSTART), "train.max_steps=40", "train.save_every=5",
+            "train.log_every=1", "eval.baseline=false", f"output_dir={tmp_path / 'runs'}"]
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((tmp_path / "runs").glob("*/checkpoints/latest.json")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint was written"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    [run] = ls(registry)
+    assert run["status"] == "killed"
+    [run_dir] = (tmp_path / "runs").glob("*")
+    step = checkpoint.info(checkpoint.latest(run_dir))["step"]
+
+    changed = subprocess.run([sys.executable, "-m", "koe5.run", "--resume", run["run_id"], "train.lr=0.5"],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert changed.returncode == 2 and "train.lr" in changed.stderr and "Traceback" not in changed.stderr
+
+    again = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resuming from step {step}" in again.stdout
+    [after] = ls(registry)
+    assert after["run_id"] == run["run_id"] and after["status"] == "finished"
+    steps = [r[0] for r in Registry(registry).query(
+        "SELECT step FROM train_log WHERE run_id = ? ORDER BY step", [run["run_id"]])[1]]
+    assert steps == list(range(1, 41))
+    assert Registry(registry).get_run(run["run_id"])["error"] is None

@@ -139,7 +139,7 @@ def mutation(path: str, value, data: dict) -> str | None:
         return f"{path}={value}x"
     elif value is None:
         new = {"model.dropout": 0.1, "train.max_steps": 7, "train.epochs": 2.0, "train.grad_clip": 1.0,
-               "registry.path": "r.duckdb", "cache.chunk_tokens": 4096}.get(path, "named")
+               "registry.path": "r.duckdb", "cache.chunk_tokens": 4096, "train.save_every": 100}.get(path, "named")
         if isinstance(new, str):
             return f"{path}={new}"
     elif value == [] and path == "tags":

@@ -116,11 +116,14 @@ class Registry:
         with write_connection(self.path) as con:
             self._require(con, run_id)
             con.execute(
-                "UPDATE runs SET status = ?, error = coalesce(?, error), heartbeat_at = ?, "
+                # (Re)starting a run clears the error of the attempt it resumes.
+                "UPDATE runs SET status = ?, "
+                "error = CASE WHEN ? = 'running' THEN NULL ELSE coalesce(?, error) END, heartbeat_at = ?, "
                 "started_at = CASE WHEN ? = 'running' THEN coalesce(started_at, ?) ELSE started_at END, "
-                "finished_at = CASE WHEN ? IN ('finished', 'failed', 'killed') THEN ? ELSE finished_at END "
+                "finished_at = CASE WHEN ? IN ('finished', 'failed', 'killed') THEN ? "
+                "WHEN ? = 'running' THEN NULL ELSE finished_at END "
                 "WHERE run_id = ?",
-                [status, error, now, status, now, status, now, run_id])
+                [status, status, error, now, status, now, status, now, status, run_id])
 
     def heartbeat(self, run_id: str) -> None:
         with write_connection(self.path) as con:
@@ -197,6 +200,12 @@ class Registry:
                 con.executemany(f"INSERT INTO train_log VALUES ({', '.join('?' * (len(TRAIN_LOG_COLUMNS) + 2))})",
                                 rows)
         return len(rows)
+
+    def drop_train_log_after(self, run_id: str, step: int) -> None:
+        """Forget logged steps after `step`: a run resuming from that checkpoint logs them again."""
+        with write_connection(self.path) as con:
+            self._require(con, run_id)
+            con.execute("DELETE FROM train_log WHERE run_id = ? AND step > ?", [run_id, step])
 
     def create_sweep(self, name: str, spec_path: str | Path | None, keys: list[str]) -> str:
         now = utcnow()

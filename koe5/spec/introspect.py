@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import re
 import types
 import typing
 from typing import Any, Literal, Union
@@ -134,3 +135,23 @@ def suggest(key: str, known: list[str], parent: str) -> str:
     if close:
         return f" Did you mean `{parent + '.' if parent else ''}{close[0]}`?"
     return f" Known keys{' under ' + parent if parent else ''}: {', '.join(known)}."
+
+
+def resume_safe(key_path: str) -> bool:
+    """Whether `key_path` (e.g. "eval.benchmarks[0].path") may change when a run resumes: true when the key
+    or a section above it is marked `resume_safe` in the schema. output_dir and registry.path only say
+    where results go."""
+    tokens = [t for t in re.split(r"\.|\[\d+\]", key_path) if t]
+    if tokens[:1] == ["output_dir"] or tokens[:2] == ["registry", "path"]:
+        return True
+    cls: Any = schema.Spec
+    for token in tokens:
+        fields = fields_of(cls) if is_section(cls) else {}
+        if token not in fields:
+            return False
+        tp, f = fields[token]
+        if f.metadata.get("resume_safe"):
+            return True
+        tp, _ = unwrap_optional(tp)
+        cls = list_item(tp) or tp
+    return False

@@ -17,13 +17,15 @@ from typing import Any, Literal, Optional
 REQUIRED: Any = object()  # sentinel: the key has no default and must be given
 
 
-def doc(text: str, default: Any = REQUIRED, **kw: Any) -> Any:
-    """A dataclass field carrying its one-line description."""
+def doc(text: str, default: Any = REQUIRED, *, resume_safe: bool = False, **kw: Any) -> Any:
+    """A dataclass field carrying its one-line description. `resume_safe` marks keys that may change when a
+    run resumes from a checkpoint: they change what is logged, saved or evaluated, never the training math."""
+    meta = {"doc": text, "resume_safe": resume_safe}
     if default is REQUIRED:
-        return field(metadata={"doc": text, "required": True}, **kw)
+        return field(metadata={**meta, "required": True}, **kw)
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": text}, **kw)
-    return field(default=default, metadata={"doc": text}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 @dataclass
@@ -86,7 +88,11 @@ class TrainSpec:
     gradient_checkpointing: bool = doc(
         "Recompute each layer's activations in backward. Redundant with GradCache (whose memory is already "
         "one chunk's activations); useful only to fit larger chunks, at ~30% more compute.", False)
-    log_every: int = doc("Write a diagnostics row every this many steps.", 10)
+    log_every: int = doc("Write a diagnostics row every this many steps.", 10, resume_safe=True)
+    save_every: Optional[int] = doc(
+        "Write a checkpoint (weights, optimizer, scheduler, RNG states, step) every this many steps; null "
+        "writes none. A run killed after a checkpoint resumes from it exactly.", None, resume_safe=True)
+    keep_checkpoints: int = doc("How many of the newest checkpoints to keep.", 2, resume_safe=True)
 
 
 @dataclass
@@ -112,10 +118,11 @@ class BenchmarkSpec:
 
 @dataclass
 class EvalSpec:
-    benchmarks: list[BenchmarkSpec] = doc("Benchmarks evaluated after training.", [])
-    k: list[int] = doc("Cut-offs for every metric.", [1, 3, 5, 10])
-    batch_size: int = doc("Encoding batch size.", 64)
-    baseline: bool = doc("Also evaluate the model before training and record it as a baseline run.", False)
+    benchmarks: list[BenchmarkSpec] = doc("Benchmarks evaluated after training.", [], resume_safe=True)
+    k: list[int] = doc("Cut-offs for every metric.", [1, 3, 5, 10], resume_safe=True)
+    batch_size: int = doc("Encoding batch size.", 64, resume_safe=True)
+    baseline: bool = doc("Also evaluate the model before training and record it as a baseline run.", False,
+                         resume_safe=True)
 
 
 @dataclass
@@ -130,7 +137,7 @@ class Spec:
     data: DataSpec = doc("Training data.")
     seed: int = doc("Seed for weights, data order and dropout.", 0)
     output_dir: str = doc("Directory under which each run gets its own folder.", "runs")
-    tags: list[str] = doc("Free-form labels for filtering runs.", [])
+    tags: list[str] = doc("Free-form labels for filtering runs.", [], resume_safe=True)
     loss: LossSpec = doc("The contrastive loss.", None)
     cache: CacheSpec = doc("GradCache settings.", None)
     train: TrainSpec = doc("Optimisation settings.", None)

@@ -241,6 +241,8 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: 
     need("train.lr", t.lr, finite_positive, "expected a learning rate > 0")
     need("train.weight_decay", t.weight_decay, lambda v: v >= 0, "expected 0 or more")
     need("train.adam_eps", t.adam_eps, lambda v: v > 0, "expected a positive number")
+    need("train.save_every", t.save_every, positive, "expected a positive number of steps (or null)")
+    need("train.keep_checkpoints", t.keep_checkpoints, positive, "expected to keep at least 1 checkpoint")
     need("train.warmup_ratio", t.warmup_ratio, lambda v: 0 <= v < 1, "expected a fraction in [0, 1)")
     need("train.grad_clip", t.grad_clip, finite_positive, "expected a norm > 0 (or null to disable clipping)")
     need("train.log_every", t.log_every, positive, "expected a positive number of steps")

@@ -23,15 +23,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from koe5.data.triples import DataError
     from koe5.spec import load_frozen
+    from koe5.train.checkpoint import CheckpointError
     from koe5.train.step import NonFiniteLoss
     from koe5.train.trainer import train
 
     run_dir = Path(args.run_dir)
     resolved = load_frozen(args.spec)
     try:
-        train(resolved.spec, resolved.to_yaml(), run_dir)
-    except DataError as e:
-        return _fail(run_dir, f"bad training data: {e}", EXIT_BAD_INPUT)
+        train(resolved.spec, resolved.to_yaml(), run_dir, resolved.spec_hash)
+    except (DataError, CheckpointError) as e:
+        return _fail(run_dir, str(e), EXIT_BAD_INPUT)
     except NonFiniteLoss as e:
         return _fail(run_dir, str(e), EXIT_NON_FINITE)
     finally:

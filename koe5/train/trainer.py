@@ -27,6 +27,7 @@ from koe5.export import export_model, model_card
 from koe5.model import EmbeddingModel, load_backbone, resolve_model_path, tokenize
 from koe5.spec.deepspeed import deepspeed_config, trainer_clips
 from koe5.spec.schema import Spec
+from koe5.train import checkpoint
 from koe5.train.step import StepConfig, train_step
 
 
@@ -129,7 +130,7 @@ def step_config(spec: Spec) -> StepConfig:
                       chunk_tokens=spec.cache.chunk_tokens)
 
 
-def train(spec: Spec, spec_yaml: str, run_dir: Path) -> dict:
+def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dict:
     import transformers
     from tqdm.auto import tqdm
 
@@ -154,11 +155,21 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path) -> dict:
     cfg = step_config(spec)
     log_path = run_dir / "train_log.jsonl"
     drawn: Counter = Counter()
+    first_step = 0
+    resume_from = checkpoint.latest(run_dir)
+    if resume_from is not None:
+        meta = checkpoint.load(engine, resume_from, rank=rank, world=world)
+        first_step = meta["step"]
+        drawn.update(meta["drawn"])
+        if rank == 0:
+            _drop_log_rows_after(log_path, first_step)
+            print(f"resumed from {resume_from} (step {first_step} of {total_steps})")
     start = time.perf_counter()
     window_start, window_triples, window_tokens = start, 0, 0
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=first_step, desc="train", unit="step", disable=rank != 0,
+               dynamic_ncols=True)
     result = None
-    for step in range(total_steps):
+    for step in range(first_step, total_steps):
         epoch = step // data.steps_per_epoch
         batch = data.global_batch(step)
         drawn.update(ex.source for ex in batch)
@@ -186,6 +197,10 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path) -> dict:
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{result.loss:.4f}", triples_s=f"{row['triples_per_s']:.1f}")
             window_start, window_triples, window_tokens = now, 0, 0
+        save_every = spec.train.save_every
+        if save_every and (step + 1) % save_every == 0 and step + 1 < total_steps:
+            checkpoint.save(engine, run_dir, step + 1, rank=rank, world=world, spec_hash=spec_hash,
+                            drawn=dict(drawn), keep=spec.train.keep_checkpoints)
     bar.close()
 
     weights = data.source_weights()
@@ -204,6 +219,22 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path) -> dict:
     if rank == 0:
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _drop_log_rows_after(log_path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint; their old rows go, so each step logs once."""
+    if not log_path.exists():
+        return
+    keep = []
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            pass  # a row torn by the crash
+    tmp = log_path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, log_path)
 
 
 def _full_state_dict(engine, spec: Spec) -> dict | None:
