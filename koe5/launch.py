@@ -6,6 +6,7 @@ line. `local` runs a single rank as a plain subprocess.
 
 from __future__ import annotations
 
+import shlex
 import socket
 import subprocess
 import sys
@@ -26,18 +27,60 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def training_command(spec: Spec, frozen_spec: Path, run_dir: Path, port: int | None = None) -> list[str]:
+def training_command(spec: Spec, frozen_spec: Path, run_dir: Path, port: int | None = None,
+                     node_rank: str | None = None) -> list[str]:
+    """The command that starts every rank on this node. `node_rank` (e.g. "$SLURM_NODEID") makes it the
+    per-node form a cluster scheduler runs once on each node; without it, several nodes are reached from
+    here through launch.hostfile (DeepSpeed's launcher logs in to each host)."""
     entry = ["--spec", str(frozen_spec), "--run-dir", str(run_dir)]
     backend = resolve_backend(spec)
-    n = spec.launch.nproc_per_node
+    launch = spec.launch
+    n = launch.nproc_per_node
     if backend == "local":
         return [sys.executable, "-m", "koe5.train", *entry]
-    port = port or free_port()
+    multi_node = launch.nnodes > 1
+    port = launch.master_port or port or (29500 if multi_node else free_port())
     if backend == "deepspeed":
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n),
-                "--master_port", str(port), "--module", "koe5.train", *entry]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-            "--master_port", str(port), "-m", "koe5.train", *entry]
+        command = [sys.executable, "-m", "deepspeed.launcher.runner"]
+        if node_rank is not None:
+            command += ["--no_ssh", "--node_rank", node_rank, "--num_nodes", str(launch.nnodes)]
+        elif launch.hostfile:
+            command += ["--hostfile", launch.hostfile, "--num_nodes", str(launch.nnodes)]
+        command += ["--num_gpus", str(n), "--master_addr", launch.master_addr, "--master_port", str(port)]
+        return command + ["--module", "koe5.train", *entry]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(launch.nnodes),
+               "--nproc_per_node", str(n)]
+    if multi_node:
+        command += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{launch.master_addr}:{port}"]
+        if node_rank is not None:
+            command += ["--node_rank", node_rank]
+    else:
+        command += ["--master_port", str(port)]
+    return command + ["-m", "koe5.train", *entry]
+
+
+def slurm_script(spec: Spec, frozen_spec: Path, run_dir: Path) -> str:
+    """An sbatch script: one launcher per node (srun --ntasks-per-node=1), every rank reading the same
+    frozen spec. The first node of the allocation is the rendezvous host."""
+    launch = spec.launch
+    command = ["python", *training_command(spec, frozen_spec, run_dir, node_rank="$SLURM_NODEID")[1:]]
+    # $SLURM_NODEID and $MASTER_ADDR must expand on each node, inside the task's shell.
+    inner = " ".join(c if c.startswith("$") else shlex.quote(c) for c in command)
+    inner = inner.replace(f" {shlex.quote(launch.master_addr)} ", ' "$MASTER_ADDR" ')
+    inner = inner.replace(f"{shlex.quote(launch.master_addr)}:", '"$MASTER_ADDR":')
+    task = "bash -c " + shlex.quote(inner)
+    return f"""#!/bin/bash
+#SBATCH --job-name={spec.name}
+#SBATCH --nodes={launch.nnodes}
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node={launch.nproc_per_node}
+#SBATCH --output={run_dir}/slurm-%j.out
+# Written by `koe5-run --emit slurm`. Every rank reads the frozen spec {frozen_spec};
+# outputs (train_log.jsonl, checkpoints/, model/) land in {run_dir}.
+set -euo pipefail
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+srun --ntasks-per-node=1 {task}
+"""
 
 
 def _die_with_parent() -> None:

@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="run even if this spec hash already finished")
     parser.add_argument("--from-run", metavar="RUN", help="re-run the resolved spec stored with RUN")
     parser.add_argument("--resume", metavar="RUN", help="continue an interrupted RUN from its newest checkpoint")
+    parser.add_argument("--emit", choices=["slurm", "deepspeed", "torchrun"],
+                        help="freeze the spec and print the job script (slurm) or launch command a cluster "
+                             "user submits; runs nothing here")
     args = parser.parse_args(argv)
     by_run = args.from_run or args.resume
     if args.spec and "=" in args.spec and not args.spec.endswith((".yaml", ".yml")) and by_run:
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         spec_path = _spec_from_run(args.from_run) if args.from_run else args.spec
         # A dry run launches nothing here, so the spec is checked as one that may run elsewhere; a real
         # run is checked against this machine's devices and files.
-        resolved = expand(spec_path, args.overrides, check_devices=not args.dry_run)
+        resolved = expand(spec_path, args.overrides, check_devices=not (args.dry_run or args.emit))
     except SpecError as e:
         print(str(e), file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dry_run:
         return dry_run(resolved, args.json)
+    if args.emit:
+        return emit(resolved, args.emit)
 
     from koe5.registry import Registry
 
@@ -124,6 +129,32 @@ def dry_run(resolved: list, as_json: bool) -> int:
         print(f"# spec_hash: {rs.spec_hash}")
         print(f"# deepspeed config: {json.dumps(entry['deepspeed'], sort_keys=True)}")
         print(f"# command: {' '.join(entry['command'])}\n")
+    return EXIT_OK
+
+
+def emit(resolved: list, kind: str) -> int:
+    """Freeze each spec into <output_dir>/<name>-<spec_hash>/ (the run directory the job writes into) and
+    print what a cluster user submits. The job trains; record its results afterwards with
+    `koe5 eval --model <run dir>/model`."""
+    import dataclasses
+    import shlex
+
+    from koe5.launch import slurm_script, training_command
+
+    for rs in resolved:
+        spec = rs.spec
+        if kind != "slurm":  # the launcher the user asked for, whatever the spec's backend says
+            spec = dataclasses.replace(spec, launch=dataclasses.replace(spec.launch, backend=kind))
+        run_dir = (Path(spec.output_dir) / f"{spec.name}-{rs.spec_hash}").resolve()
+        frozen = rs.freeze(run_dir / "spec.yaml")
+        if kind == "slurm":
+            text = slurm_script(spec, frozen, run_dir)
+        else:
+            node_rank = "$NODE_RANK" if spec.launch.nnodes > 1 and not spec.launch.hostfile else None
+            command = training_command(spec, frozen, run_dir, node_rank=node_rank)
+            text = " ".join(c if c.startswith("$") else shlex.quote(c) for c in ["python", *command[1:]])
+        print(text.rstrip())
+        print(f"# frozen spec: {frozen}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -186,7 +217,9 @@ def _raise_killed(signum, frame):
 
 def run_one(rs, registry, sweep_id: str | None, force: bool) -> int:
     """Train `rs` as a new run, or resume the interrupted run of the same spec, or do nothing if it finished."""
+    from koe5.preflight import preflight
     from koe5.spec.deepspeed import deepspeed_config
+    from koe5.spec.schema import world_size
 
     spec = rs.spec
     finished = registry.find_runs(rs.spec_hash, status="finished")
@@ -201,7 +234,11 @@ def run_one(rs, registry, sweep_id: str | None, force: bool) -> int:
                       f"({candidate['status']}); resuming it (use --force to start a new run instead)")
                 return resume(candidate["run_id"], registry, [])
 
-    world = spec.launch.nproc_per_node
+    problems = preflight(spec)
+    if problems:
+        print("koe5-run: cannot start here:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    world = world_size(spec)
     ds_config = deepspeed_config(spec, world)
     run_id = registry.create_run(spec.name, rs.spec_hash, rs.to_yaml(), kind="train", status="queued",
                                  tags=spec.tags, sweep_id=sweep_id, output_dir=None,

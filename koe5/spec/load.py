@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from koe5.spec import validate
 from koe5.spec.compose import FROZEN_MARK, Origin, Origins, apply_override, check_path, interpolate, load_chain, set_path
 from koe5.spec.deepspeed import deepspeed_config
+from koe5.spec.schema import world_size as total_ranks
 from koe5.spec.errors import SpecError
 from koe5.spec.identity import data_paths, fingerprint, spec_hash
 from koe5.spec.schema import Spec
@@ -49,7 +50,7 @@ class ResolvedSpec:
                 "warnings": self.warnings, "spec": self.data, "deepspeed": self.deepspeed_config()}
 
     def deepspeed_config(self, world_size: int | None = None) -> dict[str, Any]:
-        return deepspeed_config(self.spec, world_size or self.spec.launch.nproc_per_node)
+        return deepspeed_config(self.spec, world_size or total_ranks(self.spec))
 
     def freeze(self, path: str | Path) -> Path:
         """Write the file every rank reads. It carries the fingerprints, so ranks never re-hash data."""

@@ -108,6 +108,17 @@ class LaunchSpec:
     backend: Literal["auto", "local", "deepspeed", "torchrun"] = doc(
         "How training processes start; auto = local for one process, deepspeed for more.", "auto")
     nproc_per_node: int = doc("Training processes per node.", 1)
+    nnodes: int = doc("Nodes; the world size is nnodes x nproc_per_node.", 1)
+    hostfile: Optional[str] = doc("DeepSpeed hostfile (`host slots=N` lines) for several nodes.", None,
+                                  resume_safe=True)
+    master_addr: str = doc("Address of the rank-0 node (rendezvous).", "127.0.0.1", resume_safe=True)
+    master_port: Optional[int] = doc("Rendezvous port; null picks a free one (one node) or 29500.", None,
+                                     resume_safe=True)
+
+
+def world_size(spec: "Spec") -> int:
+    """Training processes over all nodes."""
+    return spec.launch.nproc_per_node * spec.launch.nnodes
 
 
 @dataclass

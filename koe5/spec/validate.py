@@ -163,6 +163,8 @@ def resolve_paths(spec: schema.Spec, origins: Origins, cwd: Path) -> None:
     for i, b in enumerate(spec.eval.benchmarks if isinstance(spec.eval.benchmarks, list) else []):
         if b is not None and isinstance(b.path, str):
             b.path = absolute(b.path, f"eval.benchmarks[{i}].path")
+    if isinstance(spec.launch.hostfile, str) and spec.launch.hostfile:
+        spec.launch.hostfile = absolute(spec.launch.hostfile, "launch.hostfile")
     if isinstance(spec.output_dir, str) and spec.output_dir:
         spec.output_dir = str((cwd / Path(spec.output_dir).expanduser()).resolve())
     if isinstance(spec.registry.path, str) and spec.registry.path:
@@ -254,9 +256,18 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: 
     if spec.launch.backend == "local" and nproc_ok and nproc != 1:
         bad("launch.nproc_per_node", f"launch.backend 'local' runs one process, found nproc_per_node={nproc}; "
                                      "use backend auto, deepspeed or torchrun for more")
+    nnodes = spec.launch.nnodes
+    need("launch.nnodes", nnodes, positive, "expected 1 or more nodes")
+    if nproc_ok and isinstance(nnodes, int) and nnodes > 0 and "launch.nnodes" not in broken:
+        nproc = nproc * nnodes  # from here on: the world size
+        if spec.launch.backend == "local" and nnodes > 1:
+            bad("launch.nnodes", "launch.backend 'local' runs one process on one node; use deepspeed or torchrun")
+    need("launch.master_port", spec.launch.master_port, lambda v: 0 < v < 65536, "expected a TCP port")
+    if isinstance(spec.launch.hostfile, str) and not Path(spec.launch.hostfile).is_file():
+        missing("launch.hostfile", f"hostfile {spec.launch.hostfile} does not exist")
     if nproc_ok and batch_ok and t.batch_size % nproc:
-        bad("train.batch_size", f"the global batch {t.batch_size} must split evenly over "
-                                f"launch.nproc_per_node={nproc} processes")
+        bad("train.batch_size", f"the global batch {t.batch_size} must split evenly over the "
+                                f"{nproc} processes (launch.nnodes x launch.nproc_per_node)")
     need("cache.chunk_size", spec.cache.chunk_size, positive, "expected a positive chunk size")
     need("cache.chunk_tokens", spec.cache.chunk_tokens, positive, "expected a positive token budget (or null)")
     if spec.cache.enabled and nproc_ok and batch_ok and isinstance(spec.cache.chunk_size, int):
