@@ -238,6 +238,11 @@ def run_one(rs, registry, sweep_id: str | None, force: bool) -> int:
     if problems:
         print("koe5-run: cannot start here:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         return EXIT_BAD_INPUT
+    try:
+        checks = check_data(spec)
+    except ValueError as e:  # DataError, BenchmarkError: they name the file and line
+        print(f"koe5-run: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     world = world_size(spec)
     ds_config = deepspeed_config(spec, world)
     run_id = registry.create_run(spec.name, rs.spec_hash, rs.to_yaml(), kind="train", status="queued",
@@ -247,6 +252,7 @@ def run_one(rs, registry, sweep_id: str | None, force: bool) -> int:
     run_dir = (Path(spec.output_dir) / f"{spec.name}-{run_id}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     rs.freeze(run_dir / "spec.yaml")
+    (run_dir / "data_checks.json").write_text(json.dumps(checks, indent=2, ensure_ascii=False))
     registry.add_artifact(run_id, "run_dir", str(run_dir))
     (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     print(f"run {run_id}: {spec.name} -> {run_dir}")
@@ -356,13 +362,37 @@ def execute(rs, registry, run_id: str, run_dir: Path, *, baseline_sweep: str | N
     return EXIT_OK
 
 
+def check_data(spec) -> dict:
+    """Before anything is recorded: read every training source (a bad line stops the run here, naming
+    file:line) and compare the training text with the evaluation queries (data.leakage)."""
+    from koe5.data.dataset import load_training_data, source_name
+    from koe5.data.leakage import find_leaks
+    from koe5.eval.benchmark import load_benchmark
+
+    data = load_training_data(spec)
+    leaks = find_leaks(data.triples, [load_benchmark(b.path, name=b.name) for b in spec.eval.benchmarks])
+    total = sum(r["normalized"] for r in leaks.values())
+    if total and spec.data.leakage != "ignore":
+        detail = "; ".join(f"{name}: {r['normalized']} queries (e.g. {r['examples'][0]!r})"
+                           for name, r in leaks.items() if r["normalized"])
+        message = f"{total} evaluation queries also appear in the training data ({detail})"
+        if spec.data.leakage == "error":
+            raise ValueError(message + ". Remove them from the training data, or set data.leakage=warn.")
+        print(f"koe5-run: warning: {message}; their metrics are inflated", file=sys.stderr)
+    return {"examples": dict(zip([source_name(s) for s in spec.data.sources], data.sizes)), "leakage": leaks}
+
+
 def _fold_outputs(registry, run_id: str, run_dir: Path) -> None:
     log = run_dir / "train_log.jsonl"
     if log.exists():
         registry.fold_train_log(run_id, log)
     mix = run_dir / "data_mix.json"
+    checks = run_dir / "data_checks.json"
     if mix.exists():
-        registry.set_data_mix(run_id, json.loads(mix.read_text()))
+        data_mix = json.loads(mix.read_text())
+        if checks.exists():  # what the sources hold and the leakage found, beside what was drawn
+            data_mix["_checks"] = json.loads(checks.read_text())
+        registry.set_data_mix(run_id, data_mix)
 
 
 def evaluate_and_record(registry, run_id: str, model_path: str, spec, out_dir: Path) -> list:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from koe5.data.batches import batches_per_epoch, global_batch, pick_negatives
 from koe5.data.triples import DataError, Triple, read_triples
 from koe5.spec.schema import Spec
@@ -25,11 +27,32 @@ class Example:
     source: str
 
 
+def source_probabilities(sizes: list[int], weights: list[float], mixing: str, temperature: float) -> np.ndarray:
+    """p(source) for one drawn example under data.mixing."""
+    sizes_a, weights_a = np.asarray(sizes, dtype=float), np.asarray(weights, dtype=float)
+    if mixing == "weighted":
+        mass = weights_a
+    elif mixing == "temperature":
+        mass = (sizes_a * weights_a) ** (1.0 / temperature)
+    else:
+        mass = sizes_a * weights_a
+    return mass / mass.sum()
+
+
 class TrainingData:
     def __init__(self, spec: Spec, triples: list[Triple], sources: list[str]):
         self.spec = spec
         self.triples = triples
         self.sources = sources
+        names = [source_name(s) for s in spec.data.sources]
+        self.sizes = [sources.count(n) for n in names]
+        self.offsets = np.cumsum([0] + self.sizes[:-1])
+        weights = [s.weight for s in spec.data.sources]
+        # One shuffled pass per epoch (no example twice before all were seen) when the mix is the natural
+        # one; any other mix samples sources, and examples within them, independently at every draw.
+        self.shuffled_passes = spec.data.mixing == "proportional" and all(w == 1 for w in weights)
+        self.probabilities = source_probabilities(self.sizes, weights, spec.data.mixing,
+                                                  spec.data.mixing_temperature)
         self.steps_per_epoch = batches_per_epoch(len(triples), spec.train.batch_size)
         if self.steps_per_epoch == 0:
             raise DataError(f"train.batch_size={spec.train.batch_size} is larger than the "
@@ -42,7 +65,14 @@ class TrainingData:
     def global_batch(self, step: int) -> list[Example]:
         epoch, index = divmod(step, self.steps_per_epoch)
         n = self.spec.data.hard_negatives
-        ids = global_batch(len(self.triples), self.spec.train.batch_size, self.spec.seed, epoch, index)
+        b = self.spec.train.batch_size
+        if self.shuffled_passes:
+            ids = global_batch(len(self.triples), b, self.spec.seed, epoch, index)
+        else:
+            rng = np.random.default_rng([self.spec.seed, 1, step])
+            source = rng.choice(len(self.sizes), size=b, p=self.probabilities)
+            within = rng.random(b) * np.asarray(self.sizes)[source]
+            ids = self.offsets[source] + within.astype(np.int64)
         return [Example(self.triples[i].query, self.triples[i].document,
                         tuple(pick_negatives(self.triples[i].hard_negatives, n, epoch)) if n else (),
                         self.sources[i]) for i in ids]

@@ -51,6 +51,14 @@ class SourceSpec:
 class DataSpec:
     sources: list[SourceSpec] = doc("Training sources.")
     hard_negatives: int = doc("Hard negatives used per query (0 = in-batch negatives only).", 1)
+    mixing: Literal["proportional", "weighted", "temperature"] = doc(
+        "How sources share each batch: `proportional` = every example equally likely (one shuffled pass per "
+        "epoch when all weights are 1; otherwise p(source) ~ size x weight); `weighted` = p(source) ~ weight; "
+        "`temperature` = p(source) ~ (size x weight)^(1/mixing_temperature).", "proportional")
+    mixing_temperature: float = doc("T for `mixing: temperature`; larger T flattens the mix.", 2.0)
+    leakage: Literal["error", "warn", "ignore"] = doc(
+        "What to do when a training query or document equals (after normalizing whitespace, punctuation and "
+        "case) a query of an evaluation benchmark.", "warn")
 
 
 @dataclass

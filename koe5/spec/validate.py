@@ -231,6 +231,7 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: 
             if isinstance(s.path, str) and f"data.sources[{i}].path" not in broken and not Path(s.path).exists():
                 missing(f"data.sources[{i}].path", f"file {s.path} does not exist")
     need("data.hard_negatives", d.hard_negatives, lambda v: v >= 0, "expected 0 or more")
+    need("data.mixing_temperature", d.mixing_temperature, finite_positive, "expected a temperature > 0")
 
     need("loss.temperature", spec.loss.temperature, finite_positive, "expected a temperature > 0")
 
