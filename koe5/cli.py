@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "koe5.registry.commands",  # ls, show, compare, diff, best, export, sql, rm
     "koe5.eval.commands",      # eval, bench
     "koe5.spec.commands",      # spec diff
+    "koe5.data.commands",      # data stats
 )
 
 

@@ -97,3 +97,19 @@ def test_bytes_that_are_not_utf8_name_the_line(tmp_path):
         f.write('{"query": "caf\u00e9", "document": "d", "hard_negative": "n"}\n'.encode("latin-1"))
     proc = run(f"data.sources[0].path={source}", tmp_path=tmp_path)
     assert proc.returncode == 2 and f"{source}:41" in proc.stderr and "UTF-8" in proc.stderr
+
+
+def test_data_stats_reports_counts_lengths_duplicates_and_the_draw(tmp_path, capsys):
+    from koe5.cli import main
+
+    a = write_source(tmp_path / "a.jsonl", "a", 64)
+    with open(a, "a", encoding="utf-8") as f:  # a repeated query and document
+        f.write(json.dumps({"query": "a 질문 1", "document": "a 문서 1", "hard_negative": "z"}, ensure_ascii=False) + "\n")
+    assert main(["data", "stats", str(QUICKSTART), f"data.sources[0].path={a}", "data.sources[0].name=a",
+                 "model.query_max_len=4", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    s = stats["sources"]["a"]
+    assert s["examples"] == 65 and s["duplicate_queries"] == 1 and s["duplicate_documents"] == 1
+    assert s["queries_over_max_len"] == 65  # "query: a 질문 N" is longer than 4 tokens
+    assert stats["one_epoch_draws"] == {"a": 64}  # two full batches of 32; the partial one is dropped
+    assert main(["data", "stats", str(QUICKSTART), "data.sources[0].path=/nope.jsonl"]) == 2
