@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         from koe5.registry import Registry, RegistryError
 
         try:
-            return resume(args.resume, Registry(os.environ.get("KOE5_REGISTRY")), args.overrides)
+            return resume(args.resume, Registry(), args.overrides)
         except RegistryError as e:
             print(f"koe5-run: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"koe5-run: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     for rs in resolved:
-        for warning in getattr(rs, "warnings", []):
+        for warning in rs.warnings:
             print(f"koe5-run: warning: {warning}", file=sys.stderr)
 
     if args.dry_run:
@@ -98,7 +98,7 @@ def _spec_from_run(run: str) -> str:
     from koe5.registry import Registry, RegistryError
 
     try:
-        record = Registry(os.environ.get("KOE5_REGISTRY")).get_run(run)
+        record = Registry().get_run(run)
     except RegistryError as e:
         raise LookupError(str(e)) from None
     path = Path(tempfile.mkdtemp(prefix="koe5-from-run-")) / f"{record['run_id']}.yaml"

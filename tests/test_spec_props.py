@@ -124,10 +124,13 @@ def mutation(path: str, value, data: dict) -> str | None:
         new = not value
     elif path == "deepspeed.zero_stage":
         new = (value + 1) % 4
-    elif path in ("model.pooling", "train.precision", "train.scheduler", "train.device", "launch.backend"):
+    elif path in ("model.pooling", "train.precision", "train.scheduler", "train.device", "launch.backend",
+                  "data.mixing", "data.leakage"):
         choices = {"model.pooling": ["mean", "cls"], "train.precision": ["fp32", "bf16", "fp16"],
                    "train.scheduler": ["linear", "cosine", "constant"], "train.device": ["auto", "cpu", "cuda"],
-                   "launch.backend": ["auto", "deepspeed", "torchrun"]}[path]
+                   "launch.backend": ["auto", "deepspeed", "torchrun"],
+                   "data.mixing": ["proportional", "weighted", "temperature"],
+                   "data.leakage": ["error", "warn", "ignore"]}[path]
         new = choices[(choices.index(value) + 1) % len(choices)] if value in choices else choices[0]
     elif path == "loss.name":
         new = "symmetric_infonce" if value == "infonce" else "infonce"
@@ -139,7 +142,8 @@ def mutation(path: str, value, data: dict) -> str | None:
         return f"{path}={value}x"
     elif value is None:
         new = {"model.dropout": 0.1, "train.max_steps": 7, "train.epochs": 2.0, "train.grad_clip": 1.0,
-               "registry.path": "r.duckdb", "cache.chunk_tokens": 4096, "train.save_every": 100}.get(path, "named")
+               "registry.path": "r.duckdb", "cache.chunk_tokens": 4096, "train.save_every": 100,
+               "launch.hostfile": "hosts", "launch.master_port": 29501}.get(path, "named")
         if isinstance(new, str):
             return f"{path}={new}"
     elif value == [] and path == "tags":
