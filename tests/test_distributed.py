@@ -108,6 +108,7 @@ def test_zero_stages_match_stage_0_with_gradcache(stage):
     ("deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"),
     ("train.gradient_checkpointing=true",),
     ("loss.name=symmetric_infonce", "cache.enabled=false"),
+    ("launch.backend=torchrun",),  # torchrun starts the same ranks as DeepSpeed's launcher
 ])
 def test_training_variants_match_their_reference(variant):
     two_ranks = ("launch.nproc_per_node=2", "cache.chunk_size=3")
