@@ -331,7 +331,6 @@ def execute(rs, registry, run_id: str, run_dir: Path, *, baseline_sweep: str | N
         command = training_command(spec, run_dir / "spec.yaml", run_dir)
         print(f"launch ({resolve_backend(spec)}): {' '.join(command)}")
         code = run_training(command)
-        heartbeat.stopped.set()
         _fold_outputs(registry, run_id, run_dir)
         if code != 0:
             error_file = run_dir / "error.txt"
@@ -356,6 +355,8 @@ def execute(rs, registry, run_id: str, run_dir: Path, *, baseline_sweep: str | N
         registry.set_status(run_id, "failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
+        # The heartbeat lasts through evaluation: a run that is still evaluating is alive, not crashed.
+        heartbeat.stopped.set()
         for s, handler in previous.items():
             signal.signal(s, handler)
     print(f"\nrun id: {run_id}\nmodel:  {run_dir / 'model'}")
@@ -379,7 +380,10 @@ def check_data(spec) -> dict:
         if spec.data.leakage == "error":
             raise ValueError(message + ". Remove them from the training data, or set data.leakage=warn.")
         print(f"koe5-run: warning: {message}; their metrics are inflated", file=sys.stderr)
-    return {"examples": dict(zip([source_name(s) for s in spec.data.sources], data.sizes)), "leakage": leaks}
+    if data.skipped:
+        print(f"koe5-run: warning: skipped bad training lines (data.on_error=skip): {data.skipped}", file=sys.stderr)
+    return {"examples": dict(zip([source_name(s) for s in spec.data.sources], data.sizes)), "leakage": leaks,
+            "skipped_lines": data.skipped}
 
 
 def _fold_outputs(registry, run_id: str, run_dir: Path) -> None:

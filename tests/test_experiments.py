@@ -12,22 +12,37 @@ ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "experiments").glob("*.yaml"))
 
 
+def dry_run(spec: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    # A bare environment: the specs' ${env:...} defaults are what is checked, whatever the caller exported.
+    return subprocess.run([sys.executable, "-m", "koe5.run", str(spec), "--dry-run", "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KOE5_REGISTRY": str(tmp_path / "r"),
+                               **env})
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=[s.stem for s in SPECS])
 def test_experiment_dry_run_validates(spec, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "koe5.run", str(spec), "--dry-run", "--json"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KOE5_REGISTRY": str(tmp_path / "r")})
+    proc = dry_run(spec, tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert len(out["spec_hash"]) == 16 and "Traceback" not in proc.stderr
 
 
 def test_koe5_large_is_the_original_recipe(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "koe5.run", str(ROOT / "experiments" / "koe5-large.yaml"),
-                           "--dry-run", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    spec = json.loads(proc.stdout)["spec"]
+    spec = json.loads(dry_run(ROOT / "experiments" / "koe5-large.yaml", tmp_path).stdout)["spec"]
     assert spec["model"]["name_or_path"] == "intfloat/multilingual-e5-large"
     assert (spec["train"]["batch_size"], spec["cache"]["chunk_size"], spec["train"]["lr"]) == (512, 32, 1e-5)
     assert (spec["train"]["epochs"], spec["train"]["warmup_ratio"], spec["train"]["precision"]) == (1, 0.1, "bf16")
     assert spec["loss"]["temperature"] == 0.02 and spec["launch"]["nproc_per_node"] == 8
     assert [b["name"] for b in spec["eval"]["benchmarks"]] == ["ko-strategyqa", "autorag", "publichealthqa"]
+
+
+def test_me5_small_ko_takes_the_model_from_the_environment_and_the_data_from_beside_the_repo(tmp_path):
+    proc = dry_run(ROOT / "experiments" / "me5-small-ko.yaml", tmp_path, KOE5_ME5_SMALL=str(tmp_path / "me5"))
+    spec = json.loads(proc.stdout)["spec"]
+    assert spec["model"]["name_or_path"] == str(tmp_path / "me5")
+    # Relative paths resolve from the spec file, so ../../shared is the checkout's sibling `shared/`.
+    shared = ROOT.parent / "shared" / "data" / "strategyqa_ko"
+    assert Path(spec["data"]["sources"][0]["path"]) == shared / "train.jsonl"
+    assert [Path(b["path"]) for b in spec["eval"]["benchmarks"]] == [shared / "dev",
+                                                                     ROOT / "koe5" / "assets" / "ko_sample" / "bench"]

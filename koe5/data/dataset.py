@@ -4,6 +4,11 @@ step computed from (seed, step) alone, so every rank agrees and a resume needs o
     data = load_training_data(spec)
     data.steps_per_epoch            # full global batches per epoch (the last partial batch is dropped)
     batch = data.global_batch(step) # list[Example], length train.batch_size
+
+Duplicate positives in one batch are not resampled: a batch may hold two examples whose positives have
+the same normalized text (koe5.data.triples.text_key). The trainer masks them instead (loss.mask_duplicates,
+koe5/train/loss.py): a candidate with the same text key as a row's positive is never scored as that row's
+negative. Masking keeps global_batch a cheap pure function of the step and every example drawn.
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ def source_probabilities(sizes: list[int], weights: list[float], mixing: str, te
 
 
 class TrainingData:
-    def __init__(self, spec: Spec, triples: list[Triple], sources: list[str]):
+    def __init__(self, spec: Spec, triples: list[Triple], sources: list[str], skipped: dict[str, int]):
         self.spec = spec
+        self.skipped = skipped  # bad lines left out per file (data.on_error: skip)
         self.triples = triples
         self.sources = sources
         names = [source_name(s) for s in spec.data.sources]
@@ -86,10 +92,12 @@ def source_name(source) -> str:
 
 
 def load_training_data(spec: Spec) -> TrainingData:
-    """Read every source; a bad line raises DataError naming file:line and the field."""
+    """Read every source; a bad line raises DataError naming file:line and the field (or, with
+    data.on_error: skip, is left out and counted in `.skipped`)."""
     triples, sources = [], []
+    skipped: dict[str, int] | None = {} if spec.data.on_error == "skip" else None
     for src in spec.data.sources:
-        rows = read_triples(src.path, spec.data.hard_negatives)
+        rows = read_triples(src.path, spec.data.hard_negatives, skipped)
         triples += rows
         sources += [source_name(src)] * len(rows)
-    return TrainingData(spec, triples, sources)
+    return TrainingData(spec, triples, sources, skipped or {})

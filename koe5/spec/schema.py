@@ -59,6 +59,9 @@ class DataSpec:
     leakage: Literal["error", "warn", "ignore"] = doc(
         "What to do when a training query or document equals (after normalizing whitespace, punctuation and "
         "case) a query of an evaluation benchmark.", "warn")
+    on_error: Literal["error", "skip"] = doc(
+        "A bad training line (malformed JSON, missing/empty field, wrong type, not UTF-8): `error` stops the run "
+        "naming file:line and the field; `skip` leaves it out and records the count per file with the run.", "error")
 
 
 @dataclass
