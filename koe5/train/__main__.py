@@ -7,6 +7,7 @@ resolved spec file; nothing is re-composed here.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -52,4 +53,10 @@ def _fail(run_dir: Path, message: str, status: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # The work is done and written; skip the interpreter's teardown, where DeepSpeed's ZeRO-3/offload helper
+    # threads can abort the process ("terminate called without an active exception") and turn a finished
+    # rank into a failed one.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

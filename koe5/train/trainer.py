@@ -3,7 +3,8 @@
 It never touches the registry. It writes into the run directory, which the orchestrator (koe5/run.py)
 folds into the registry:
     train_log.jsonl     one diagnostics row every train.log_every steps (rank 0)
-    data_mix.json       examples and tokens drawn per source
+    checkpoints/        every train.save_every steps (koe5/train/checkpoint.py); a restart resumes from them
+    data_mix.json       examples drawn per source
     model/              the exported sentence-transformers + Hugging Face model
 """
 
@@ -13,7 +14,6 @@ import json
 import math
 import os
 import random
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,6 +23,7 @@ import torch
 
 from koe5.data.batches import rank_slice
 from koe5.data.dataset import load_training_data
+from koe5.data.triples import text_key
 from koe5.export import export_model, model_card
 from koe5.model import EmbeddingModel, load_backbone, resolve_model_path, tokenize
 from koe5.spec.deepspeed import deepspeed_config, trainer_clips
@@ -37,11 +38,10 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
     import deepspeed
 
     if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        from koe5.launch import free_port
+
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+                          MASTER_PORT=str(free_port()))
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", verbose=False)
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
 
@@ -63,8 +63,6 @@ def collate(rows: list, tokenizer, spec: Spec, device: torch.device):
     """Tokenized queries and documents of one rank's examples, in the layout the loss expects
     (positives first, then each query's negatives in order), the documents' identities and the
     number of real tokens."""
-    from koe5.data.triples import text_key
-
     doc_texts = [ex.positive for ex in rows] + [n for ex in rows for n in ex.negatives]
     queries = tokenize(tokenizer, [ex.query for ex in rows], spec.model.query_prefix, spec.model.query_max_len)
     documents = tokenize(tokenizer, doc_texts, spec.model.passage_prefix, spec.model.passage_max_len)

@@ -5,6 +5,7 @@ each replayed chunk's backward and inside the optimizer step; writes the counts 
 """
 
 import json
+import os
 import sys
 from collections import Counter
 
@@ -68,3 +69,5 @@ def main(spec_path: str, out_path: str) -> None:
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     main(*args)
+    sys.stdout.flush()
+    os._exit(0)  # skip the interpreter teardown, as koe5.train does (see koe5/train/__main__.py)
