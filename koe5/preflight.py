@@ -18,8 +18,7 @@ def checkpoint_bytes(spec: Spec) -> int | None:
     """Estimated size of one checkpoint, from the weight files of a local model; None if unknown."""
     from koe5.model import resolve_model_path
 
-    path = Path(resolve_model_path(spec.model.name_or_path)) if spec.model.name_or_path.startswith("builtin:") \
-        else Path(spec.model.name_or_path)
+    path = Path(resolve_model_path(spec.model.name_or_path))
     weights = [p for p in path.glob("*") if p.suffix in (".safetensors", ".bin")] if path.is_dir() else []
     if not weights:
         return None

@@ -20,9 +20,9 @@ def data_stats(spec) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec.model.name_or_path))
     m = spec.model
     out: dict = {"sources": {}, "steps_per_epoch": data.steps_per_epoch}
-    for src in spec.data.sources:
+    for src, start, size in zip(spec.data.sources, data.offsets, data.sizes):
         name = source_name(src)
-        rows = [t for t, s in zip(data.triples, data.sources) if s == name]
+        rows = data.triples[start:start + size]  # sources are stored one after another
         q = [len(ids) for ids in tokenizer([m.query_prefix + t.query for t in rows])["input_ids"]]
         d = [len(ids) for ids in tokenizer([m.passage_prefix + t.document for t in rows])["input_ids"]]
         out["sources"][name] = {
