@@ -10,6 +10,7 @@ folds into the registry:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,7 +44,23 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", verbose=False)
-    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    release_shm_segment(rank, world)
+    return rank, int(os.environ.get("LOCAL_RANK", 0)), world
+
+
+def release_shm_segment(rank: int, world: int) -> None:
+    """DeepSpeed's CPU backend maps a 66 MB /dev/shm segment per rank (for an inference-only all-reduce that
+    training never calls) and never unlinks it, so every CPU run under its launcher kept that RAM until the
+    machine ran out: a test suite of ~80 two-rank runs was killed by the OOM killer. Once every rank has
+    mapped its peers' segments (they do so inside init, hence the barrier), each rank unlinks its own name;
+    the mappings stay valid until the process exits, and then the memory is freed."""
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    if world > 1:
+        torch.distributed.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
 
 
 def pick_device(spec: Spec, local_rank: int) -> torch.device:
