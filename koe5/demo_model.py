@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from koe5.paths import cache_root
 
 BUILTIN_NAME = "builtin:tiny-ko-bert"
 SAMPLE_TRAIN = Path(__file__).parent / "assets" / "ko_sample" / "train.jsonl"
@@ -21,10 +22,6 @@ BUILD_VERSION = 1
 CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
               max_position_embeddings=512, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 VOCAB_SIZE = 4000
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KOE5_CACHE", Path.home() / ".cache" / "koe5"))
 
 
 def _sample_texts() -> list[str]:

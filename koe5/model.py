@@ -45,10 +45,23 @@ class EmbeddingModel(nn.Module):
 
 
 def tokenize(tokenizer, texts: list[str], prefix: str, max_len: int) -> dict[str, torch.Tensor]:
-    """Prefix, truncate to `max_len` tokens and pad to a multiple of 8."""
-    return tokenizer([prefix + t for t in texts], max_length=max_len, truncation=True, padding=True,
-                     pad_to_multiple_of=PAD_MULTIPLE, return_tensors="pt",
-                     return_token_type_ids=False)
+    """Prefix, truncate to `max_len` tokens and pad (see pad_token_ids)."""
+    ids = tokenizer([prefix + t for t in texts], max_length=max_len, truncation=True, return_attention_mask=False,
+                    return_token_type_ids=False)["input_ids"]
+    return pad_token_ids(ids, tokenizer.pad_token_id, max_len)
+
+
+def pad_token_ids(sequences: list, pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
+    """Token id sequences padded on the right to a multiple of 8, but never past `max_len` (a model's
+    position table may end there, e.g. XLM-R's 514)."""
+    longest = max(len(x) for x in sequences)
+    width = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max(max_len, longest))
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.int64)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.int64)
+    for i, x in enumerate(sequences):
+        input_ids[i, :len(x)] = torch.as_tensor(np.asarray(x, dtype=np.int64))
+        attention_mask[i, :len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -356,7 +356,11 @@ def execute(rs, registry, run_id: str, run_dir: Path, *, baseline_sweep: str | N
         raise
     finally:
         # The heartbeat lasts through evaluation: a run that is still evaluating is alive, not crashed.
+        # Wait for it to finish any registry write: a daemon thread still inside DuckDB when the
+        # interpreter shuts down aborts the process ("FATAL: exception not rethrown", exit -6).
         heartbeat.stopped.set()
+        if heartbeat.is_alive():
+            heartbeat.join()
         for s, handler in previous.items():
             signal.signal(s, handler)
     print(f"\nrun id: {run_id}\nmodel:  {run_dir / 'model'}")
@@ -364,14 +368,15 @@ def execute(rs, registry, run_id: str, run_dir: Path, *, baseline_sweep: str | N
 
 
 def check_data(spec) -> dict:
-    """Before anything is recorded: read every training source (a bad line stops the run here, naming
-    file:line) and compare the training text with the evaluation queries (data.leakage)."""
+    """Before anything is recorded: read and tokenize every training source once, into the cache the ranks
+    then map (a bad line stops the run here, naming file:line), and compare the training text with the
+    evaluation queries (data.leakage)."""
     from koe5.data.dataset import load_training_data, source_name
     from koe5.data.leakage import find_leaks
     from koe5.eval.benchmark import load_benchmark
 
     data = load_training_data(spec)
-    leaks = find_leaks(data.triples, [load_benchmark(b.path, name=b.name) for b in spec.eval.benchmarks])
+    leaks = find_leaks(data, [load_benchmark(b.path, name=b.name) for b in spec.eval.benchmarks])
     total = sum(r["normalized"] for r in leaks.values())
     if total and spec.data.leakage != "ignore":
         detail = "; ".join(f"{name}: {r['normalized']} queries (e.g. {r['examples'][0]!r})"

@@ -16,7 +16,12 @@ QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
 
 
 def batch_ids(data, steps):
-    return [[(ex.source, ex.query) for ex in data.global_batch(s)] for s in steps]
+    """(source, row, positive, negatives) of every example: everything a step trains on."""
+    out = []
+    for s in steps:
+        b = data.global_batch(s)
+        out.append(list(zip(b.ids(), b.positive.tolist(), map(tuple, b.negatives.tolist()))))
+    return out
 
 
 @pytest.mark.parametrize("mixing", ["proportional", "weighted"])
@@ -64,7 +69,7 @@ def test_on_error_skip_leaves_bad_lines_out_and_counts_them(tmp_path):
     path.write_bytes(("\n".join(good[:20] + bad + good[20:]) + "\n").encode() + b'{"query": "caf\xe9"}\n')
     spec = expand(QUICKSTART, [f"data.sources[0].path={path}", "data.on_error=skip"])[0].spec
     data = load_training_data(spec)
-    assert len(data.triples) == 40 and data.skipped == {str(path): 4}
+    assert data.sizes == [40] and data.skipped == {str(path): 4}
     assert check_data(spec)["skipped_lines"] == {str(path): 4}  # what the run records under data_mix._checks
     strict = expand(QUICKSTART, [f"data.sources[0].path={path}"])[0].spec
     with pytest.raises(ValueError, match=f"{path}:21"):

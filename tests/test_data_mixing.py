@@ -32,11 +32,11 @@ def test_two_sources_at_weights_3_to_1_are_drawn_3_to_1(tmp_path, mixing):
                              f"data.sources[1].path={b}",
                              f"data.mixing={mixing}", "train.batch_size=32"])[0]
     data = load_training_data(rs.spec)
-    drawn = Counter(ex.source for step in range(125) for ex in data.global_batch(step))  # 4,000 examples
+    drawn = Counter(data.names[k] for step in range(125) for k in data.global_batch(step).source)  # 4,000 examples
     assert sum(drawn.values()) == 4000
     assert abs(drawn["a.jsonl"] / drawn["b.jsonl"] - 3) < 3 * 0.05
     # the same step gives the same batch: every rank, and a resumed run, agree
-    assert data.global_batch(17) == load_training_data(rs.spec).global_batch(17)
+    assert data.global_batch(17).ids() == load_training_data(rs.spec).global_batch(17).ids()
 
 
 def test_mixing_modes_define_source_probabilities():
@@ -45,15 +45,21 @@ def test_mixing_modes_define_source_probabilities():
     assert source_probabilities([100, 900], [1, 1], "temperature", 2.0).tolist() == pytest.approx([0.25, 0.75])
 
 
-def test_leakage_guard_finds_normalized_query_overlap(tmp_path):
-    from koe5.data.triples import Triple
+@pytest.mark.parametrize("where", ["query", "document"])
+def test_leakage_guard_finds_normalized_query_overlap(tmp_path, where):
     from koe5.eval.benchmark import load_benchmark
 
     bench = load_benchmark(str(ROOT / "koe5" / "assets" / "ko_sample" / "bench"), name="ko-sample")
-    leaked = bench.query_texts[5]
-    triples = [Triple("  " + leaked.upper().replace(" ", "   ") + "!!", "문서", ("오답",)), Triple("딴 질문", "문서2", ("x",))]
-    report = find_leaks(triples, [bench])["ko-sample"]
-    assert report["normalized"] == 1 and report["exact"] == 0 and report["examples"] == [leaked]
+    leaked, exact = bench.query_texts[5], bench.query_texts[7]
+    rows = [{"query": "딴 질문", "document": "문서", "hard_negative": "오답"} for _ in range(3)]
+    rows[0][where] = "  " + leaked.upper().replace(" ", "   ") + "!!"  # the same query, differently written
+    rows[1][where] = exact
+    rows[2]["hard_negative"] = bench.query_texts[9]  # negatives are not guarded: they are not trained as matches
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    spec = expand(QUICKSTART, [f"data.sources[0].path={path}", "train.batch_size=2", "cache.chunk_size=2"])[0].spec
+    report = find_leaks(load_training_data(spec), [bench])["ko-sample"]
+    assert report["normalized"] == 2 and report["exact"] == 1 and report["examples"] == [leaked, exact]
     assert normalize("Hello, World!") == normalize("hello world")
 
 

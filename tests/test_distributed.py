@@ -121,20 +121,17 @@ def test_token_budget_case_really_has_uneven_chunk_counts():
     """The chunk_tokens=96 variant above exercises empty-chunk padding only if ranks disagree somewhere."""
     from koe5.data.batches import rank_slice
     from koe5.data.dataset import load_training_data
-    from koe5.model import load_backbone, resolve_model_path
     from koe5.train.gradcache import make_chunks
-    from koe5.train.trainer import collate
 
     spec = expand(_workdir() / "spec.yaml", ["launch.nproc_per_node=2", "cache.chunk_size=3",
                                              "cache.chunk_tokens=96"])[0].spec
     data = load_training_data(spec)
-    _, tokenizer = load_backbone(resolve_model_path(spec.model.name_or_path))
     counts = set()
     for step in range(3):
         batch = data.global_batch(step)
         per_rank = []
         for rank in range(2):
-            _, docs, _, _ = collate(rank_slice(batch, rank, 2), tokenizer, spec, torch.device("cpu"))
+            _, docs, _, _ = data.collate(rank_slice(batch, rank, 2), torch.device("cpu"))
             per_rank.append(len(make_chunks(docs, 3, 96)))
         counts.add(tuple(per_rank))
     assert any(a != b for a, b in counts)

@@ -38,7 +38,9 @@ def test_minimal_spec_fills_defaults_and_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     [rs] = expand(minimal(tmp_path))
     assert rs.spec.model.pooling == "mean" and rs.spec.train.batch_size == 32 and rs.spec.eval.k == [1, 3, 5, 10]
-    assert rs.data["data"]["sources"][0] == {"path": str(tmp_path / "train.jsonl"), "weight": 1.0, "name": None}
+    assert rs.data["data"]["sources"][0] == {"path": str(tmp_path / "train.jsonl"), "weight": 1.0, "name": None,
+                                             "fields": {"query": "query", "document": "document",
+                                                        "hard_negative": "hard_negative"}, "split": "train"}
     assert rs.data["output_dir"] == str(tmp_path / "runs")
     assert rs.sweep_values == {} and rs.source_path == tmp_path / "spec.yaml"
     assert len(rs.spec_hash) == 16 and int(rs.spec_hash, 16) >= 0

@@ -125,12 +125,13 @@ def mutation(path: str, value, data: dict) -> str | None:
     elif path == "deepspeed.zero_stage":
         new = (value + 1) % 4
     elif path in ("model.pooling", "train.precision", "train.scheduler", "train.device", "launch.backend",
-                  "data.mixing", "data.leakage", "data.on_error"):
+                  "data.mixing", "data.leakage", "data.on_error", "data.positive"):
         choices = {"model.pooling": ["mean", "cls"], "train.precision": ["fp32", "bf16", "fp16"],
                    "train.scheduler": ["linear", "cosine", "constant"], "train.device": ["auto", "cpu", "cuda"],
                    "launch.backend": ["auto", "deepspeed", "torchrun"],
                    "data.mixing": ["proportional", "weighted", "temperature"],
-                   "data.leakage": ["error", "warn", "ignore"], "data.on_error": ["error", "skip"]}[path]
+                   "data.leakage": ["error", "warn", "ignore"], "data.on_error": ["error", "skip"],
+                   "data.positive": ["first", "sample"]}[path]
         new = choices[(choices.index(value) + 1) % len(choices)] if value in choices else choices[0]
     elif path == "loss.name":
         new = "symmetric_infonce" if value == "infonce" else "infonce"

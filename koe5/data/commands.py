@@ -11,35 +11,35 @@ import numpy as np
 
 
 def data_stats(spec) -> dict:
-    from transformers import AutoTokenizer
-
-    from koe5.data.dataset import load_training_data, source_name
-    from koe5.model import resolve_model_path
+    """Read from the token cache (built now if needed), so it costs seconds even for a million triples."""
+    from koe5.data.dataset import load_training_data
 
     data = load_training_data(spec)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec.model.name_or_path))
     m = spec.model
     out: dict = {"sources": {}, "steps_per_epoch": data.steps_per_epoch}
-    for src, start, size in zip(spec.data.sources, data.offsets, data.sizes):
-        name = source_name(src)
-        rows = data.triples[start:start + size]  # sources are stored one after another
-        q = [len(ids) for ids in tokenizer([m.query_prefix + t.query for t in rows])["input_ids"]]
-        d = [len(ids) for ids in tokenizer([m.passage_prefix + t.document for t in rows])["input_ids"]]
+    for name, src, t in zip(data.names, spec.data.sources, data.sources):
+        q = np.asarray(t.queries_len)
+        d = np.asarray(t.docs_len)[t.positives_of_rows()]  # each row's first positive
         out["sources"][name] = {
-            "examples": len(rows), "weight": src.weight,
+            "examples": t.n_rows, "weight": src.weight, "skipped_lines": t.skipped,
+            "positives_per_row": float(np.mean(t.rows_npos)),
+            "hard_negatives_per_row": float(np.mean(np.diff(t.rows_docs) - t.rows_npos)),
             "query_tokens": _percentiles(q), "document_tokens": _percentiles(d),
-            "queries_over_max_len": int(sum(n > m.query_max_len for n in q)),
-            "documents_over_max_len": int(sum(n > m.passage_max_len for n in d)),
-            "duplicate_queries": len(rows) - len({t.query for t in rows}),
-            "duplicate_documents": len(rows) - len({t.document for t in rows}),
+            "queries_over_max_len": int((q > m.query_max_len).sum()),
+            "documents_over_max_len": int((d > m.passage_max_len).sum()),
+            # Duplicates by normalized text (whitespace, Unicode form, case), as duplicate masking sees them.
+            "duplicate_queries": t.n_rows - len(np.unique(t.queries_key)),
+            "duplicate_documents": t.n_rows - len(np.unique(np.asarray(t.docs_key)[t.positives_of_rows()])),
         }
-    drawn = Counter(ex.source for step in range(data.steps_per_epoch) for ex in data.global_batch(step))
-    out["one_epoch_draws"] = dict(drawn)
+    drawn: Counter = Counter()
+    for step in range(data.steps_per_epoch):
+        drawn.update(data.global_batch(step).source.tolist())
+    out["one_epoch_draws"] = {data.names[k]: n for k, n in sorted(drawn.items())}
     return out
 
 
-def _percentiles(lengths: list[int]) -> dict:
-    p = np.percentile(lengths, [50, 90, 99, 100]) if lengths else [0, 0, 0, 0]
+def _percentiles(lengths: np.ndarray) -> dict:
+    p = np.percentile(lengths, [50, 90, 99, 100])
     return {"p50": int(p[0]), "p90": int(p[1]), "p99": int(p[2]), "max": int(p[3])}
 
 
@@ -66,7 +66,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
             t, over = s[f"{kind}_tokens"], s[f"{plural}_over_max_len"]
             print(f"  {kind} tokens p50/p90/p99/max: {t['p50']}/{t['p90']}/{t['p99']}/{t['max']}, "
                   f"over max_len: {over}")
-        print(f"  duplicate queries: {s['duplicate_queries']}, duplicate documents: {s['duplicate_documents']}")
+        print(f"  duplicate queries: {s['duplicate_queries']}, duplicate documents: {s['duplicate_documents']} "
+              f"(normalized text); per row: {s['positives_per_row']:.2f} positives, "
+              f"{s['hard_negatives_per_row']:.2f} hard negatives")
+        if s["skipped_lines"]:
+            print(f"  skipped bad lines (data.on_error=skip): {s['skipped_lines']}")
     return 0
 
 

@@ -11,6 +11,7 @@ from koe5.eval.benchmark import Benchmark
 from koe5.eval.evaluate import EvalResult, cached, evaluate, write_mteb_json, write_per_query
 from koe5.eval.metrics import EVALUATOR_VERSION, METRICS
 from koe5.eval.shard import encode_sharded
+from koe5.paths import cache_root
 
 
 @dataclass
@@ -24,8 +25,7 @@ class EncodeSettings:
 
 
 def default_cache_dir() -> str:
-    root = os.environ.get("KOE5_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "koe5")
-    return os.path.join(root, "embeddings")
+    return str(cache_root() / "embeddings")
 
 
 def evaluate_encoder(encoder, benchmarks: Sequence[Benchmark], ks: Sequence[int], settings: EncodeSettings, *,

@@ -21,6 +21,7 @@ from koe5.spec.compose import FROZEN_MARK, Origin, Origins, apply_override, chec
 from koe5.spec.deepspeed import deepspeed_config
 from koe5.spec.schema import world_size as total_ranks
 from koe5.spec.errors import SpecError
+from koe5.data.sources import is_hub_id
 from koe5.spec.identity import data_paths, fingerprint, spec_hash
 from koe5.spec.schema import Spec
 from koe5.spec.yamlio import dump_yaml, load_yaml_file, parse_yaml
@@ -135,7 +136,11 @@ def _expand(raw: dict, origins: Origins, overrides: Sequence[str], path: Path | 
         for _, file in data_paths(data):
             if file not in prints:
                 # Only a spec checked for another machine can name a path that is not here.
-                prints[file] = fingerprint(file) if Path(file).exists() else f"missing:{file}"
+                # A hub dataset is named, not hashed: its content is whatever the hub serves.
+                if is_hub_id(file):
+                    prints[file] = file
+                else:
+                    prints[file] = fingerprint(file) if Path(file).exists() else f"missing:{file}"
         own = {file: prints[file] for _, file in data_paths(data)}
         out.append(ResolvedSpec(spec, data, spec_hash(data, own), sweep_values, path,
                                 list(dict.fromkeys(warnings)), own))

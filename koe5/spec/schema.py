@@ -41,16 +41,35 @@ class ModelSpec:
 
 
 @dataclass
+class FieldsSpec:
+    query: str = doc("Column holding the query (a string).", "query")
+    document: str = doc("Column holding the positive document: a string, or a list of positives (see data.positive).",
+                        "document")
+    hard_negative: str = doc("Column holding the hard negatives: a string or a list of strings.", "hard_negative")
+
+
+@dataclass
 class SourceSpec:
-    path: str = doc("A JSONL file of {query, document, hard_negative} triples (more formats: see the data issue).")
+    path: str = doc("Training triples: a .jsonl, .json (array or JSON lines), .parquet, .csv or .tsv file; a directory "
+                    "of them; a dataset saved with `save_to_disk`; or `hub:owner/name` on the dataset hub.")
     weight: float = doc("Relative sampling weight of this source.", 1.0)
     name: Optional[str] = doc("Short name shown in the data mix; defaults to the file name.", None)
+    fields: FieldsSpec = doc("Which columns hold the query, the positive(s) and the hard negatives.", None)
+    split: str = doc("Split to read from a save_to_disk DatasetDict or a hub dataset.", "train")
 
 
 @dataclass
 class DataSpec:
     sources: list[SourceSpec] = doc("Training sources.")
-    hard_negatives: int = doc("Hard negatives used per query (0 = in-batch negatives only).", 1)
+    hard_negatives: int = doc(
+        "Hard negatives used per query (0 = in-batch negatives only). From a longer list, each epoch takes the next "
+        "N in turn, so successive epochs see different negatives.", 1)
+    positive: Literal["first", "sample"] = doc(
+        "With several positives per query: `first` always trains on the first; `sample` picks one per epoch "
+        "(deterministic in seed, epoch and row).", "first")
+    one_source_per_batch: bool = doc(
+        "Draw each global batch from a single source (chosen by the mix), then slice it across ranks, so gathered "
+        "negatives share a domain.", False)
     mixing: Literal["proportional", "weighted", "temperature"] = doc(
         "How sources share each batch: `proportional` = every example equally likely (one shuffled pass per "
         "epoch when all weights are 1; otherwise p(source) ~ size x weight); `weighted` = p(source) ~ weight; "

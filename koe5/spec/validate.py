@@ -16,6 +16,7 @@ from typing import Any, Callable, Literal
 from koe5.spec import introspect, schema
 from koe5.spec.compose import Origins, type_name
 from koe5.spec.deepspeed import conflicts, derived_config
+from koe5.data.sources import FILE_FORMATS, is_hub_id
 from koe5.spec.errors import did_you_mean, join_path
 
 Errors = list[tuple[str, str]]
@@ -158,7 +159,7 @@ def resolve_paths(spec: schema.Spec, origins: Origins, cwd: Path) -> None:
 
     sources = spec.data.sources if spec.data is not None else None  # None: failed its type check
     for i, s in enumerate(sources if isinstance(sources, list) else []):
-        if s is not None and isinstance(s.path, str):
+        if s is not None and isinstance(s.path, str) and not is_hub_id(s.path):
             s.path = absolute(s.path, f"data.sources[{i}].path")
     for i, b in enumerate(spec.eval.benchmarks if isinstance(spec.eval.benchmarks, list) else []):
         if b is not None and isinstance(b.path, str):
@@ -228,8 +229,14 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: 
             if s is None:
                 continue
             need(f"data.sources[{i}].weight", s.weight, finite_positive, "expected a weight > 0")
-            if isinstance(s.path, str) and f"data.sources[{i}].path" not in broken and not Path(s.path).exists():
-                missing(f"data.sources[{i}].path", f"file {s.path} does not exist")
+            key = f"data.sources[{i}].path"
+            if not isinstance(s.path, str) or key in broken or is_hub_id(s.path):
+                continue
+            if not Path(s.path).exists():
+                missing(key, f"file {s.path} does not exist")
+            elif Path(s.path).is_file() and Path(s.path).suffix.lower() not in FILE_FORMATS:
+                bad(key, f"unknown file type '{Path(s.path).suffix}' ({s.path}); expected one of "
+                         f"{', '.join(FILE_FORMATS)}, a directory of them, a save_to_disk directory or hub:owner/name")
     need("data.hard_negatives", d.hard_negatives, lambda v: v >= 0, "expected 0 or more")
     need("data.mixing_temperature", d.mixing_temperature, finite_positive, "expected a temperature > 0")
 

@@ -3,7 +3,7 @@
 Layout under <run_dir>/checkpoints/:
     step-00000004/        DeepSpeed's checkpoint (weights, optimizer, scheduler, loss scaler) plus
                           rng-rank<r>.pt (python, numpy, torch CPU and CUDA states of rank r) and koe5.json
-                          (step, world size, spec hash, examples drawn per source)
+                          (step, world size, spec hash, examples and tokens drawn per source)
     latest.json           {"tag": "step-00000004"}: the newest complete checkpoint
     .partial/             a checkpoint being written
 

@@ -4,7 +4,7 @@ It never touches the registry. It writes into the run directory, which the orche
 folds into the registry:
     train_log.jsonl     one diagnostics row every train.log_every steps (rank 0)
     checkpoints/        every train.save_every steps (koe5/train/checkpoint.py); a restart resumes from them
-    data_mix.json       examples drawn per source
+    data_mix.json       examples and tokens drawn per source
     model/              the exported sentence-transformers + Hugging Face model
 """
 
@@ -24,9 +24,8 @@ import torch
 
 from koe5.data.batches import rank_slice
 from koe5.data.dataset import load_training_data
-from koe5.data.triples import text_key
 from koe5.export import export_model, model_card
-from koe5.model import EmbeddingModel, load_backbone, resolve_model_path, tokenize
+from koe5.model import EmbeddingModel, load_backbone, resolve_model_path
 from koe5.spec.deepspeed import deepspeed_config, trainer_clips
 from koe5.spec.schema import Spec
 from koe5.train import checkpoint
@@ -74,19 +73,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def collate(rows: list, tokenizer, spec: Spec, device: torch.device):
-    """Tokenized queries and documents of one rank's examples, in the layout the loss expects
-    (positives first, then each query's negatives in order), the documents' identities and the
-    number of real tokens."""
-    doc_texts = [ex.positive for ex in rows] + [n for ex in rows for n in ex.negatives]
-    queries = tokenize(tokenizer, [ex.query for ex in rows], spec.model.query_prefix, spec.model.query_max_len)
-    documents = tokenize(tokenizer, doc_texts, spec.model.passage_prefix, spec.model.passage_max_len)
-    doc_ids = torch.tensor([text_key(t) for t in doc_texts], dtype=torch.int64, device=device)
-    n_tokens = int(queries["attention_mask"].sum() + documents["attention_mask"].sum())
-    return ({k: v.to(device) for k, v in queries.items()}, {k: v.to(device) for k, v in documents.items()},
-            doc_ids, n_tokens)
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, kind: str):
@@ -169,13 +155,15 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
 
     cfg = step_config(spec)
     log_path = run_dir / "train_log.jsonl"
-    drawn: Counter = Counter()
+    drawn: Counter = Counter()         # examples drawn per source, all ranks together
+    drawn_tokens: Counter = Counter()  # their real tokens (query, positive, hard negatives)
     first_step = 0
     resume_from = checkpoint.latest(run_dir)
     if resume_from is not None:
         meta = checkpoint.load(engine, resume_from, rank=rank, world=world)
         first_step = meta["step"]
-        drawn.update(meta["drawn"])
+        drawn.update(meta["drawn"]["examples"])
+        drawn_tokens.update(meta["drawn"]["tokens"])
         if rank == 0:
             _drop_log_rows_after(log_path, first_step)
             print(f"resumed from {resume_from} (step {first_step} of {total_steps})")
@@ -187,9 +175,12 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
     for step in range(first_step, total_steps):
         epoch = step // data.steps_per_epoch
         batch = data.global_batch(step)
-        drawn.update(ex.source for ex in batch)
+        tokens = data.tokens_per_example(batch)
+        for k in np.unique(batch.source):
+            drawn[data.names[k]] += int((batch.source == k).sum())
+            drawn_tokens[data.names[k]] += int(tokens[batch.source == k].sum())
         rows = rank_slice(batch, rank, world)
-        queries, documents, doc_ids, n_tokens = collate(rows, tokenizer, spec, device)
+        queries, documents, doc_ids, n_tokens = data.collate(rows, device)
 
         result = train_step(engine, queries, documents, doc_ids, cfg, device)
 
@@ -215,11 +206,13 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
         save_every = spec.train.save_every
         if save_every and (step + 1) % save_every == 0 and step + 1 < total_steps:
             checkpoint.save(engine, run_dir, step + 1, rank=rank, world=world, spec_hash=spec_hash,
-                            drawn=dict(drawn), keep=spec.train.keep_checkpoints)
+                            drawn={"examples": dict(drawn), "tokens": dict(drawn_tokens)},
+                            keep=spec.train.keep_checkpoints)
     bar.close()
 
     weights = data.source_weights()
-    data_mix = {name: {"examples": drawn[name], "weight": weights.get(name)} for name in drawn}
+    data_mix = {name: {"examples": drawn[name], "tokens": drawn_tokens[name], "weight": weights.get(name)}
+                for name in drawn}
     state = _full_state_dict(engine, spec)
     if rank == 0:
         (run_dir / "data_mix.json").write_text(json.dumps(data_mix, indent=2, ensure_ascii=False))

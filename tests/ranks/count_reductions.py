@@ -17,7 +17,7 @@ from koe5.data.dataset import load_training_data
 from koe5.model import resolve_model_path
 from koe5.spec import load_frozen
 from koe5.train.step import train_step
-from koe5.train.trainer import build_engine, collate, init_distributed, step_config
+from koe5.train.trainer import build_engine, init_distributed, step_config
 
 COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "all_reduce_coalesced", "reduce")
 
@@ -27,7 +27,7 @@ def main(spec_path: str, out_path: str) -> None:
     model_path = resolve_model_path(spec.model.name_or_path)
     rank, _, world = init_distributed("cpu")
     data = load_training_data(spec)
-    engine, _, tokenizer, _ = build_engine(spec, model_path, world, 2)
+    engine, _, _, _ = build_engine(spec, model_path, world, 2)
 
     phase = {"now": "other"}
     counts: Counter = Counter()
@@ -56,7 +56,7 @@ def main(spec_path: str, out_path: str) -> None:
     engine.step = in_phase("step", engine.step)
     for step in range(2):
         rows = rank_slice(data.global_batch(step), rank, world)
-        queries, documents, doc_ids, _ = collate(rows, tokenizer, spec, torch.device("cpu"))
+        queries, documents, doc_ids, _ = data.collate(rows, torch.device("cpu"))
         train_step(engine, queries, documents, doc_ids, step_config(spec), torch.device("cpu"))
     if rank == 0:
         with open(out_path, "w") as f:
