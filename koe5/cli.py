@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "koe5.eval.commands",      # eval, bench
     "koe5.spec.commands",      # spec diff
     "koe5.data.commands",      # data stats
+    "koe5.data.mine_commands",  # mine
 )
 
 
