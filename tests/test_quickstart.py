@@ -49,6 +49,31 @@ def test_quickstart_trains_evaluates_and_records(quickstart):
     assert {"model", "per_query", "run_dir"} <= kinds
 
 
+def test_the_run_records_the_examples_and_tokens_drawn(quickstart):
+    """data_mix holds what training actually consumed: 30 steps x 32 triples, and their real tokens,
+    recounted here from the text with the tokenizer."""
+    tmp, registry, _ = quickstart
+    from koe5.data.dataset import load_tokenizer, load_training_data
+    from koe5.registry import Registry
+    from koe5.spec import expand
+
+    run = next(r for r in Registry(registry).list_runs() if r["kind"] == "train")
+    mix = Registry(registry).get_run(run["run_id"])["data_mix"]
+    spec = expand(QUICKSTART, ["train.max_steps=30"])[0].spec
+    rows = [json.loads(line) for line in Path(spec.data.sources[0].path).read_text(encoding="utf-8").splitlines()]
+    tokenizer, data, m = load_tokenizer(spec), load_training_data(spec), spec.model
+
+    def count(texts, prefix, max_len):
+        return sum(len(ids) for ids in tokenizer([prefix + t for t in texts], truncation=True,
+                                                 max_length=max_len)["input_ids"])
+    drawn = [r for step in range(30) for r in data.global_batch(step).row.tolist()]
+    tokens = (count([rows[r]["query"] for r in drawn], m.query_prefix, m.query_max_len)
+              + count([rows[r][f] for r in drawn for f in ("document", "hard_negative")], m.passage_prefix,
+                      m.passage_max_len))
+    assert mix["ko-sample"]["examples"] == 30 * 32 and mix["ko-sample"]["tokens"] == tokens
+    assert mix["_checks"]["examples"] == {"ko-sample": 320}
+
+
 def test_exported_model_loads_in_sentence_transformers(quickstart):
     tmp, registry, _ = quickstart
     from sentence_transformers import SentenceTransformer

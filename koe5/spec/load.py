@@ -16,12 +16,12 @@ import itertools
 from pathlib import Path
 from typing import Any, Sequence
 
+from koe5.data.sources import is_hub_id
 from koe5.spec import validate
 from koe5.spec.compose import FROZEN_MARK, Origin, Origins, apply_override, check_path, interpolate, load_chain, set_path
 from koe5.spec.deepspeed import deepspeed_config
 from koe5.spec.schema import world_size as total_ranks
 from koe5.spec.errors import SpecError
-from koe5.data.sources import is_hub_id
 from koe5.spec.identity import data_paths, fingerprint, spec_hash
 from koe5.spec.schema import Spec
 from koe5.spec.yamlio import dump_yaml, load_yaml_file, parse_yaml

@@ -13,10 +13,10 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from koe5.data.sources import FILE_FORMATS, is_hub_id
 from koe5.spec import introspect, schema
 from koe5.spec.compose import Origins, type_name
 from koe5.spec.deepspeed import conflicts, derived_config
-from koe5.data.sources import FILE_FORMATS, is_hub_id
 from koe5.spec.errors import did_you_mean, join_path
 
 Errors = list[tuple[str, str]]
