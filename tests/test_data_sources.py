@@ -164,3 +164,14 @@ def test_an_unreachable_hub_dataset_is_one_clear_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "hub:koe5-test/does-not-exist: cannot load split 'train' from the dataset hub" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name,content", [
+    ("t.csv", 'query,document,hard_negative\nq,d,n\n"caf\xe9",d,n\n'),
+    ("t.json", '[\n  {"query": "q", "document": "d", "hard_negative": "n"},\n  {"query": "caf\xe9"}\n]\n'),
+])
+def test_bytes_that_are_not_utf8_name_their_line_in_whole_file_formats(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"{path}:3: bytes that are not UTF-8"):
+        read_triples(path)

@@ -85,6 +85,16 @@ def _decode_line(raw: bytes, where: str) -> "dict | DataError":
     return row
 
 
+def _read_text(path: Path) -> str:
+    """A whole file as UTF-8 (a leading byte-order mark dropped); a bad byte names its line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: bytes that are not UTF-8; re-encode the file as UTF-8")
+
+
 def _jsonl_records(path: Path) -> Iterator[Record]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -99,12 +109,7 @@ def _json_records(path: Path) -> Iterator[Record]:
     if not head.startswith(b"["):
         yield from _jsonl_records(path)
         return
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: bytes that are not UTF-8; re-encode the file as UTF-8")
+    text = _read_text(path)
     try:
         items = json.loads(text)
     except json.JSONDecodeError as e:  # one broken array spoils the whole file
@@ -137,13 +142,7 @@ def _parquet_records(path: Path) -> Iterator[Record]:
 
 
 def _csv_records(path: Path, delimiter: str) -> Iterator[Record]:
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: bytes that are not UTF-8; re-encode the file as UTF-8")
+    text = _read_text(path)
     reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
     for record in reader:
         where = f"{path}:{reader.line_num}"
