@@ -3,6 +3,8 @@
     python benchmarks/bench_train.py                                   # CPU, tiny shape (the CI smoke run)
     python benchmarks/bench_train.py --shape e5-small --batch 32 --chunk 16
     python benchmarks/bench_train.py --device cuda --all --out $OUT/train.jsonl   # the GPU sweep (issue 9)
+    python benchmarks/bench_train.py --device cuda --shape e5-large --batch 512 --chunk 128 --variants koe5 \
+        --set cache.chunk_tokens=32768                                            # one spec-level lever
 
 Both sides train the same random-weight encoder (multilingual-e5 shapes) on the same synthetic batches:
 queries up to 32 tokens, passages up to 256 (real lengths uniform in [L/2, L]), one hard negative, AdamW.
@@ -113,20 +115,28 @@ def make_batches(n: int, batch: int, vocab: int, device) -> list[tuple[dict, dic
             for _ in range(n)]
 
 
-def koe5_runner(model_dir: Path, batch: int, chunk: int, device: torch.device, precision: str):
-    """A function doing one koe5 training step on (queries, positives, negatives)."""
+def bench_spec(model_dir: Path, batch: int, chunk: int, device_type: str, precision: str, overrides: list[str]):
+    """The spec koe5's side trains with. `overrides` are spec overrides (`cache.chunk_tokens=32768`): a lever
+    that is a spec key is measured without editing code. Raises SpecError for a bad override."""
     from koe5.spec import expand_text
-    from koe5.train.step import train_step
-    from koe5.train.trainer import build_engine, init_distributed, step_config
 
-    spec = expand_text(f"""
+    return expand_text(f"""
 name: bench
 model: {{name_or_path: {model_dir}, query_max_len: {Q_LEN}, passage_max_len: {P_LEN}}}
 data: {{sources: [{{path: {ROOT / 'koe5/assets/ko_sample/train.jsonl'}}}]}}
 loss: {{temperature: 0.05, mask_duplicates: false}}
 cache: {{chunk_size: {chunk}}}
-train: {{batch_size: {batch}, max_steps: 1000, lr: 1.0e-5, precision: {precision}, device: {device.type}}}
-""", check_devices=False)[0].spec
+train: {{batch_size: {batch}, max_steps: 1000, lr: 1.0e-5, precision: {precision}, device: {device_type}}}
+""", overrides, check_devices=False)[0].spec
+
+
+def koe5_runner(model_dir: Path, batch: int, chunk: int, device: torch.device, precision: str,
+                overrides: list[str]):
+    """A function doing one koe5 training step on (queries, positives, negatives)."""
+    from koe5.train.step import train_step
+    from koe5.train.trainer import build_engine, init_distributed, step_config
+
+    spec = bench_spec(model_dir, batch, chunk, device.type, precision, overrides)
     init_distributed(device.type)
     engine, _, _, _ = build_engine(spec, str(model_dir), 1, 1000)
     cfg = step_config(spec)
@@ -179,12 +189,12 @@ def time_steps(step, batches, device) -> tuple[float, float]:
 
 
 def measure(variant: str, shape: str, batch: int, chunk: int, steps: int, device: torch.device, peak: float,
-            model_dir: Path, precision: str) -> dict:
+            model_dir: Path, precision: str, overrides: list[str]) -> dict:
     vocab = SHAPES[shape][4]
     batches = make_batches(steps + 1, batch, vocab, device)
     reset_memory(device)
     if variant == "koe5":
-        step, owner = koe5_runner(model_dir, batch, chunk, device, precision)
+        step, owner = koe5_runner(model_dir, batch, chunk, device, precision, overrides)
     else:
         step, owner = st_runner(model_dir, chunk, device, replay_in_autocast=variant == "st-replay-autocast")
     seconds, loss = time_steps(step, batches, device)
@@ -195,7 +205,7 @@ def measure(variant: str, shape: str, batch: int, chunk: int, steps: int, device
            if device.type == "cuda" else "fp32", "steps_timed": steps, "s_per_step": round(seconds, 4),
            "triples_per_s": round(batch / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
            "mfu": round(flops / seconds / peak, 4), "peak_mem_gib": round(peak_memory_gib(device), 3),
-           "final_loss": round(float(loss), 4)}
+           "final_loss": round(float(loss), 4), "overrides": overrides if variant == "koe5" else []}
     del owner
     return row
 
@@ -256,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all", action="store_true",
                     help="the GPU sweep of issue 9: e5-large batch 512, e5-small batch 2048, e5-small memory "
                          "at batch 512 vs 16384 (chunk 128), encoding")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a spec override for koe5's side, e.g. cache.chunk_tokens=32768 (repeatable)")
     ap.add_argument("--out", help="append the JSON lines to this file")
     args = ap.parse_args(argv)
 
@@ -274,6 +286,15 @@ def main(argv: list[str] | None = None) -> int:
                 ("e5-small", 512, 128, ["koe5"]), ("e5-small", 16384, 128, ["koe5"])]
         encode = [("e5-large", 8192), ("e5-small", 16384)]
 
+    if args.overrides:
+        from koe5.spec import SpecError
+
+        try:  # a typo in --set should stop here, not after minutes of model building
+            bench_spec(ROOT, 16, 8, device.type, precision, args.overrides)
+        except SpecError as e:
+            print(f"bench_train: --set: {e}", file=sys.stderr)
+            return 2
+
     peak = matmul_peak(device)
     rows = [{"measure": "peak", "device": device.type, "dtype": "bf16" if device.type == "cuda" else "fp32",
              "tflops": round(peak / 1e12, 3),
@@ -285,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             if shape not in dirs:
                 dirs[shape] = build_model_dir(shape, Path(tmp) / shape)
             for variant in names:
-                rows.append(measure(variant, shape, batch, chunk, args.steps, device, peak, dirs[shape], precision))
+                rows.append(measure(variant, shape, batch, chunk, args.steps, device, peak, dirs[shape], precision,
+                                    args.overrides))
                 print(json.dumps(rows[-1]), flush=True)
         for shape, n in encode:
             if shape not in dirs:

@@ -23,3 +23,31 @@ def test_bench_train_smoke(tmp_path):
         assert r["final_loss"] == r["final_loss"]  # not NaN
     assert any(r["measure"] == "encode" and r["passages_per_s"] > 0 for r in rows)
     assert "koe5 / st-cached-mnrl" in proc.stdout
+
+
+def test_bench_train_spec_override_reaches_koe5s_step(tmp_path):
+    out = tmp_path / "train.jsonl"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--steps", "1", "--batch", "8",
+                           "--chunk", "4", "--variants", "koe5", "--set", "cache.chunk_tokens=256",
+                           "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines() if '"train_step"' in line]
+    assert row["overrides"] == ["cache.chunk_tokens=256"] and row["triples_per_s"] > 0
+    # ... and it is the step's configuration, not only a label on the row
+    import importlib.util
+
+    from koe5.train.trainer import step_config
+
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks/bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = step_config(bench.bench_spec(tmp_path, 8, 4, "cpu", "fp32", ["cache.chunk_tokens=256"]))
+    assert cfg.chunk_tokens == 256 and cfg.chunk_size == 4
+
+
+def test_bench_train_rejects_a_bad_override_before_building_models():
+    proc = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--set", "cache.chunk_tokenz=256"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert "cache.chunk_tokenz" in proc.stderr and "Traceback" not in proc.stderr

@@ -43,6 +43,7 @@ def test_me5_small_ko_takes_the_model_from_the_environment_and_the_data_from_bes
     assert spec["model"]["name_or_path"] == str(tmp_path / "me5")
     # Relative paths resolve from the spec file, so ../../shared is the checkout's sibling `shared/`.
     shared = ROOT.parent / "shared" / "data" / "strategyqa_ko"
-    assert Path(spec["data"]["sources"][0]["path"]) == shared / "train.jsonl"
+    assert [Path(s["path"]) for s in spec["data"]["sources"]] == [shared / "train.jsonl",
+                                                                 ROOT / "koe5" / "assets" / "ko_sample" / "train.jsonl"]
     assert [Path(b["path"]) for b in spec["eval"]["benchmarks"]] == [shared / "dev",
                                                                      ROOT / "koe5" / "assets" / "ko_sample" / "bench"]
