@@ -40,7 +40,6 @@ log "checkpoint"
 python3 benchmarks/device/pack_checkpoint.py unpack .device/me5-small.npz .device/me5-small-meta /tmp/me5-small \
   --tokenizer /tmp/koe5-tokenizer.json || exit 12
 export KOE5_ME5_SMALL=/tmp/me5-small KOE5_STRATEGYQA=$PWD/.device/strategyqa_ko
-SAMPLE=$PWD/koe5/assets/ko_sample/train.jsonl
 
 SAMPLE_BENCH=$PWD/koe5/assets/ko_sample/bench
 extra=()
@@ -58,11 +57,14 @@ if [ "${BASELINE:-1}" = 1 ]; then
     "${benches[@]}" --query-max-len 64 --passage-max-len 192
 fi
 
-# In priority order; each koe5-run is stopped at the sweep deadline (a stopped run is recorded as killed).
+# Overrides of the committed spec, in priority order: what docs/results.md lists as not tried yet. (The
+# 2026-11-27 calls ran the plans written there, with the spec as it was then.) Each koe5-run is stopped at
+# the sweep deadline; a stopped run is recorded as killed.
 plans=(
-  "sweep.train.lr=[2e-5,5e-5,1e-4] sweep.train.epochs=[1,3]"
-  "data.sources[1].path=$SAMPLE data.sources[1].name=ko-sample train.epochs=3 sweep.train.lr=[5e-5,2e-5]"
-  "loss.temperature=0.05 sweep.train.lr=[5e-5,1e-4] train.epochs=3"
+  "train.lr=1e-5"
+  "loss.name=symmetric_infonce"
+  "loss.temperature=0.05"
+  "train.batch_size=128"
 )
 if [ -n "${PLANS:-}" ]; then mapfile -t plans <<< "$PLANS"; fi
 for plan in "${plans[@]}"; do
