@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     print_table(rows)
+    if torch.distributed.is_initialized():  # koe5's side set up a one-rank group; NCCL warns if it is left open
+        torch.distributed.destroy_process_group()
     return 0
 
 
