@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
+
+from koe5.provenance import provenance
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 HEARTBEAT_S = float(os.environ.get("KOE5_HEARTBEAT_S", "10"))
@@ -158,36 +158,6 @@ def emit(resolved: list, kind: str) -> int:
     return EXIT_OK
 
 
-def provenance(world_size: int) -> dict:
-    import deepspeed
-    import torch
-    import transformers
-
-    from koe5 import __version__
-
-    repo = Path(__file__).resolve().parents[1]
-
-    def git(*cmd: str) -> str | None:
-        try:
-            return subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True,
-                                  timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    commit = git("rev-parse", "HEAD")
-    devices = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-               if torch.cuda.is_available() else [f"cpu ({os.cpu_count()} cores)"])
-    return {
-        "git_commit": commit,
-        "git_dirty": bool(git("status", "--porcelain")) if commit else None,
-        "versions": {"koe5": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "deepspeed": deepspeed.__version__, "python": platform.python_version()},
-        "host": platform.node(),
-        "devices": devices,
-        "world_size": world_size,
-    }
-
-
 class Heartbeat(threading.Thread):
     """Tells the registry this run is alive and folds new training-log rows in, every few seconds.
     A run whose heartbeat stops (SIGKILL, power loss) shows as `crashed` to readers."""
@@ -247,7 +217,7 @@ def run_one(rs, registry, sweep_id: str | None, force: bool) -> int:
     ds_config = deepspeed_config(spec, world)
     run_id = registry.create_run(spec.name, rs.spec_hash, rs.to_yaml(), kind="train", status="queued",
                                  tags=spec.tags, sweep_id=sweep_id, output_dir=None,
-                                 provenance=provenance(world), ds_config=ds_config,
+                                 provenance=provenance(world, spec.train.device), ds_config=ds_config,
                                  sweep_values=rs.sweep_values or None)
     run_dir = (Path(spec.output_dir) / f"{spec.name}-{run_id}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -433,7 +403,7 @@ def record_baseline(rs, registry, sweep_id: str | None, out_dir: Path) -> str:
     spec = rs.spec
     run_id = registry.create_run(f"{spec.name}@init", rs.spec_hash, rs.to_yaml(), kind="baseline",
                                  status="running", tags=[*spec.tags, "init"], sweep_id=sweep_id,
-                                 provenance=provenance(1))
+                                 provenance=provenance(1, spec.train.device))
     print(f"baseline {run_id}: evaluating the untrained model {spec.model.name_or_path}")
     evaluate_and_record(registry, run_id, spec.model.name_or_path, spec, out_dir)
     registry.set_status(run_id, "finished")

@@ -59,6 +59,10 @@ def test_eval_gives_identical_numbers_for_both_layouts_and_records_a_baseline(tm
     reg = registry.Registry(reg_path)
     cols, rows = reg.query("SELECT kind, status FROM runs WHERE name = 'tiny-baseline'")
     assert rows == [("baseline", "finished")]
+    # where it was evaluated is recorded: GPU (bf16 autocast) and CPU (fp32) numbers differ slightly
+    record = reg.get_run(reg.query("SELECT run_id FROM runs WHERE name = 'tiny-baseline'")[1][0][0])
+    assert record["devices"] == [f"cpu ({os.cpu_count()} cores)"] and record["world_size"] == 1
+    assert record["versions"]["torch"] and record["versions"]["transformers"]
     cols, rows = reg.query("SELECT value, fingerprint FROM metrics WHERE metric = 'ndcg' AND k = 3")
     assert rows[0][0] == pytest.approx(a["metrics"]["ndcg@3"]) and rows[0][1] == a["fingerprint"]
     cols, rows = reg.query("SELECT path FROM artifacts WHERE kind = 'per_query'")

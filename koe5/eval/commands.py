@@ -12,6 +12,7 @@ from koe5.eval.benchmark import BenchmarkError, load_benchmark
 from koe5.eval.evaluate import EvalResult
 from koe5.eval.model_eval import EncodeSettings, default_cache_dir, evaluate_encoder, format_table, record_results
 from koe5.eval.presets import PRESETS, FetchError, fetch, preset_dir
+from koe5.provenance import provenance
 
 # The E5 convention, used when neither the flags nor the model directory give prefixes.
 DEFAULT_PREFIXES = {"query": "query: ", "passage": "passage: "}
@@ -87,7 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_id = None
     if not args.no_record:
         try:
-            run_id = _record(args, settings, results)
+            run_id = _record(args, settings, results, device)
         except RecordError as e:
             return fail(f"cannot record the run: {e}")
 
@@ -109,8 +110,9 @@ class RecordError(Exception):
     """Recording the run in the registry failed; the message says why."""
 
 
-def _record(args, settings: dict, results: list[EvalResult]) -> str:
-    """Record a finished `baseline` run with its metrics and artifacts; returns the run id."""
+def _record(args, settings: dict, results: list[EvalResult], device: str) -> str:
+    """Record a finished `baseline` run with its metrics, artifacts and provenance (`device`: where it
+    encoded); returns the run id."""
     try:
         from koe5.registry import Registry, RegistryError
     except ImportError as e:
@@ -122,7 +124,8 @@ def _record(args, settings: dict, results: list[EvalResult]) -> str:
     name = args.name or f"baseline-{os.path.basename(os.path.normpath(args.model))}"
     try:
         reg = Registry(args.registry)
-        run_id = reg.create_run(name=name, kind="baseline", spec_hash=spec_hash, spec_yaml=spec_yaml, status="running")
+        run_id = reg.create_run(name=name, kind="baseline", spec_hash=spec_hash, spec_yaml=spec_yaml, status="running",
+                                provenance=provenance(args.nproc, device))
     except RegistryError as e:
         raise RecordError(str(e)) from None
     try:
