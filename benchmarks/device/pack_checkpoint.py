@@ -63,7 +63,8 @@ def from_q4(packed: np.ndarray, scale: np.ndarray, shape) -> np.ndarray:
 
 
 def used_token_ids(model_dir: Path, text_files: list[Path]) -> np.ndarray:
-    """Every id the tokenizer gives any string in the files (JSON values, with and without E5 prefixes)."""
+    """Every id the tokenizer gives any string in the files (JSON values, with and without E5 prefixes),
+    and its special tokens."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
@@ -87,7 +88,7 @@ def used_token_ids(model_dir: Path, text_files: list[Path]) -> np.ndarray:
             if line.strip():
                 collect(json.loads(line))
     texts = [p + s for s in strings for p in ("", "query: ", "passage: ")]
-    ids: set[int] = set(range(8))
+    ids: set[int] = set(tok.get_added_tokens_decoder())  # the special tokens: padding, <s>, </s>, <unk>, ...
     for enc in tok.encode_batch(texts):
         ids.update(enc.ids)
     return np.array(sorted(ids), np.int64)
