@@ -16,9 +16,12 @@ QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
 def start_long_run(tmp_path: Path, **env_extra) -> tuple[subprocess.Popen, Path]:
     registry = tmp_path / "koe5.duckdb"
     env = {**os.environ, "KOE5_REGISTRY": str(registry), "KOE5_HEARTBEAT_S": "0.5", **env_extra}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "koe5.run", str(QUICKSTART), "train.max_steps=100000", "eval.baseline=false",
-         f"output_dir={tmp_path / 'runs'}"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Output goes to a file, not a pipe: nobody reads a pipe while the run trains, and once its 64 KiB
+    # buffer fills (progress bars, "heartbeat skipped" lines) the run blocks on a write and never exits.
+    with open(tmp_path / "run.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "koe5.run", str(QUICKSTART), "train.max_steps=100000", "eval.baseline=false",
+             f"output_dir={tmp_path / 'runs'}"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     return proc, registry
 
 
@@ -33,7 +36,7 @@ def wait_for_training(registry: Path, proc: subprocess.Popen, timeout: float = 3
     """Until the run is `running` and its first training-log rows were folded in."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert proc.poll() is None, (registry.parent / "run.log").read_text(errors="replace")[-3000:]
         logs = list((registry.parent / "runs").glob("*/train_log.jsonl"))
         if registry.exists() and logs:
             runs = ls(registry)
