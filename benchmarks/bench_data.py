@@ -90,7 +90,7 @@ def phase(name: str, data: Path, model: str, workdir: Path) -> dict:
         return {"seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib(), "rows": len(ds)}
     if name == "per-step":
         from koe5.data.dataset import load_tokenizer, load_training_data
-        from koe5.model import tokenize
+        from koe5.inputs import tokenize
 
         spec = spec_for(data, model)
         data_ = load_training_data(spec)

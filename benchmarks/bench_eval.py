@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from koe5.model import load_encoder
+    from koe5.encoder import load_encoder
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

@@ -62,8 +62,10 @@ def build_model_dir(shape: str, out: Path) -> Path:
 
 
 def synthetic_batch(rows: int, max_len: int, vocab: int, gen: torch.Generator, device) -> dict:
+    from koe5.inputs import padded_length
+
     lengths = torch.randint(max_len // 2, max_len + 1, (rows,), generator=gen)
-    width = -(-int(lengths.max()) // 8) * 8
+    width = padded_length(int(lengths.max()))
     mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
     ids = torch.randint(5, vocab, (rows, width), generator=gen) * mask
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
@@ -211,7 +213,7 @@ def measure(variant: str, shape: str, batch: int, chunk: int, steps: int, device
 
 
 def measure_encoding(shape: str, model_dir: Path, device: torch.device, peak: float, n: int) -> dict:
-    from koe5.model import load_encoder
+    from koe5.encoder import load_encoder
 
     encoder = load_encoder(str(model_dir), device=str(device))
     gen = torch.Generator().manual_seed(2)

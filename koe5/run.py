@@ -380,7 +380,7 @@ def evaluate_and_record(registry, run_id: str, model_path: str, spec, out_dir: P
 
     from koe5.eval.benchmark import load_benchmark
     from koe5.eval.model_eval import EncodeSettings, default_cache_dir, evaluate_encoder, format_table, record_results
-    from koe5.model import load_encoder
+    from koe5.encoder import load_encoder
 
     if not spec.eval.benchmarks:
         return []

@@ -14,7 +14,7 @@ import torch
 from koe5.data import tokens
 from koe5.data.dataset import load_tokenizer, load_training_data
 from koe5.data.triples import text_key
-from koe5.model import tokenize
+from koe5.inputs import tokenize
 from koe5.spec import expand
 
 ROOT = Path(__file__).resolve().parents[1]

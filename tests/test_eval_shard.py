@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from koe5.eval.shard import encode_sharded, slice_bounds
-from koe5.model import load_encoder
+from koe5.encoder import load_encoder
 
 SAMPLE = "koe5/assets/ko_sample/train.jsonl"
 

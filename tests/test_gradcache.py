@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
+from koe5.inputs import padded_length
 from koe5.model import EmbeddingModel
 from koe5.train.gradcache import embed_without_grad, replay, row_chunks, token_chunks
 from koe5.train.step import StepConfig, train_step
@@ -20,7 +21,7 @@ def tiny_model(dropout: float = 0.0, seed: int = 0) -> EmbeddingModel:
 
 def random_batch(rows: int, max_len: int, gen: torch.Generator) -> dict:
     lengths = torch.randint(3, max_len + 1, (rows,), generator=gen)
-    width = -(-max_len // 8) * 8
+    width = padded_length(max_len)
     ids = torch.randint(5, 120, (rows, width), generator=gen)
     mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
     return {"input_ids": ids * mask, "attention_mask": mask}
@@ -140,7 +141,7 @@ def test_token_chunks_respect_the_budget_and_cover_every_row_once():
         rows = sorted(i for c in chunks for i in c.tolist())
         assert rows == list(range(len(lengths)))
         for c in chunks:
-            width = -(-max(lengths[i] for i in c.tolist()) // 8) * 8
+            width = padded_length(max(lengths[i] for i in c.tolist()))
             assert len(c) == 1 or len(c) * width <= budget
 
 

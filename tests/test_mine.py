@@ -37,7 +37,7 @@ def sample(tmp_path_factory):
     """200 sample rows, their hard negatives as an extra JSONL corpus, normalized-text copies of their
     positives as a .txt corpus, and one more row repeating a query with a second positive: a passage that
     would be mined for that query if it were not a positive."""
-    from koe5.model import load_encoder
+    from koe5.encoder import load_encoder
 
     tmp = tmp_path_factory.mktemp("mine")
     base = [json.loads(line) for line in SAMPLE_TRAIN.read_text(encoding="utf-8").splitlines()[:200]]

@@ -78,7 +78,7 @@ def test_exported_model_loads_in_sentence_transformers(quickstart):
     tmp, registry, _ = quickstart
     from sentence_transformers import SentenceTransformer
 
-    from koe5.model import load_encoder
+    from koe5.encoder import load_encoder
     from koe5.registry import Registry
 
     run = Registry(registry).list_runs(status="finished")

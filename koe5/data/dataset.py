@@ -23,7 +23,7 @@ import torch
 from koe5.data.batches import batches_per_epoch
 from koe5.data.errors import DataError
 from koe5.data.tokens import TokenizedSource, open_tokenized, tokenizer_fingerprint
-from koe5.model import pad_token_ids
+from koe5.inputs import pad_token_ids
 from koe5.spec.schema import Spec
 
 

@@ -150,7 +150,7 @@ def mine(rows: list[Triple], passages: list[str], query_emb: np.ndarray, passage
 def mine_with_encoder(encoder, rows: list[Triple], passages: list[str], query_prefix: str, passage_prefix: str,
                       max_len: int = 256, batch_size: int = 64, progress: bool = True,
                       **options) -> tuple[list[dict], MineStats]:
-    """Embed with `encoder` (koe5.model.Encoder), then mine(); `options` go to mine()."""
+    """Embed with `encoder` (koe5.encoder.Encoder), then mine(); `options` go to mine()."""
     q = encoder.encode(unique_queries(rows), query_prefix, max_len, batch_size,
                        progress="embed queries" if progress else False)
     p = encoder.encode(passages, passage_prefix, max_len, batch_size,

@@ -61,7 +61,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
     try:
         import torch
 
-        from koe5.model import load_encoder
+        from koe5.encoder import load_encoder
 
         device = args.device
         if device == "auto":

@@ -60,7 +60,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return fail(f"two benchmarks share a name ({', '.join(names)}); rename one of the directories")
 
     try:
-        from koe5.model import load_encoder
+        from koe5.encoder import load_encoder
 
         device = args.device
         if device == "auto":

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from koe5.model import load_encoder
+    from koe5.encoder import load_encoder
 
     parser = argparse.ArgumentParser(prog="python -m koe5.eval.shard")
     parser.add_argument("--job", required=True)

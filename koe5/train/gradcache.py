@@ -18,14 +18,10 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from koe5.model import PAD_MULTIPLE
+from koe5.inputs import padded_length
 
 Batch = dict[str, torch.Tensor]
 Chunk = Optional[torch.Tensor]  # row indices of the batch; None is an empty (padding) chunk
-
-
-def _padded(length: int) -> int:
-    return max(PAD_MULTIPLE, -(-length // PAD_MULTIPLE) * PAD_MULTIPLE)
 
 
 def row_chunks(n_rows: int, chunk_size: int) -> list[Chunk]:
@@ -43,7 +39,7 @@ def token_chunks(lengths: list[int], budget: int) -> list[Chunk]:
             chunks.append(torch.tensor(current))
             current = []
         if not current:
-            width = _padded(lengths[i])  # the longest row of the chunk sets its width
+            width = padded_length(lengths[i])  # the longest row of the chunk sets its width
         current.append(i)
     if current:
         chunks.append(torch.tensor(current))
@@ -71,7 +67,7 @@ def take_chunk(batch: Batch, rows: Chunk) -> Batch:
     if rows is None:
         rows = torch.tensor([0])
     mask = batch["attention_mask"][rows]
-    width = min(mask.shape[1], _padded(int(mask.sum(1).max().item())))
+    width = padded_length(int(mask.sum(1).max().item()), mask.shape[1])
     return {k: v[rows, :width] for k, v in batch.items()}
 
 

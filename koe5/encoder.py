@@ -1,0 +1,93 @@
+"""Inference: an `EmbeddingModel` that turns texts into float32 numpy embeddings, for evaluation and
+mining. It goes through `koe5.inputs.tokenize`, so the text a model sees at evaluation is exactly what it
+saw in training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from koe5.fingerprint import weights_fingerprint
+from koe5.inputs import tokenize
+from koe5.model import EmbeddingModel, load_backbone, resolve_model_path
+
+
+def read_st_settings(path: str) -> dict:
+    """Pooling, normalization and prompts saved by sentence-transformers in a model directory, if any."""
+    root = Path(path)
+    out: dict = {}
+    if not root.is_dir():
+        return out
+    pool_cfg = root / "1_Pooling" / "config.json"
+    if pool_cfg.exists():
+        cfg = json.loads(pool_cfg.read_text())
+        out["pooling"] = "cls" if cfg.get("pooling_mode_cls_token") else "mean"
+    modules = root / "modules.json"
+    if modules.exists():
+        out["normalize"] = any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
+    st_cfg = root / "config_sentence_transformers.json"
+    if st_cfg.exists():
+        prompts = json.loads(st_cfg.read_text()).get("prompts") or {}
+        if prompts:
+            out["prefixes"] = {"query": prompts.get("query", ""), "passage": prompts.get("passage", "")}
+    return out
+
+
+class Encoder:
+    """Inference: texts -> float32 numpy embeddings, batched by length."""
+
+    def __init__(self, model: EmbeddingModel, tokenizer, device: str = "cpu", path: Optional[str] = None,
+                 prefixes: Optional[dict] = None):
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.path = path
+        self.prefixes = prefixes
+        self._fingerprint: Optional[str] = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.path or "")
+        return self._fingerprint
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], prefix: str, max_len: int, batch_size: int = 64,
+               progress: bool | str = False) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        # Sorting by length keeps padding per batch small; results go back in the caller's order.
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), 0), dtype=np.float32)
+        chunks = []
+        starts = range(0, len(texts), batch_size)
+        desc = progress if isinstance(progress, str) else "encode"
+        use_autocast = self.device.startswith("cuda")
+        for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+            idx = order[start:start + batch_size]
+            batch = tokenize(self.tokenizer, [texts[i] for i in idx], prefix, max_len)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+                chunks.append(self.model(**batch).float().cpu().numpy())
+        if chunks:
+            emb = np.concatenate(chunks)
+            out = np.empty_like(emb)
+            out[order] = emb
+        return out
+
+
+def load_encoder(name_or_path: str, pooling: Optional[str] = None, normalize: Optional[bool] = None,
+                 device: str = "cpu") -> Encoder:
+    """An inference encoder. Pooling and normalization default to what the model directory says
+    (sentence-transformers layout), else mean pooling with normalization (the E5 recipe)."""
+    path = resolve_model_path(name_or_path)
+    saved = read_st_settings(path)
+    backbone, tokenizer = load_backbone(path)
+    model = EmbeddingModel(backbone, pooling or saved.get("pooling", "mean"),
+                           saved.get("normalize", True) if normalize is None else normalize)
+    return Encoder(model, tokenizer, device=device, path=path, prefixes=saved.get("prefixes"))
