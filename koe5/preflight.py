@@ -9,9 +9,10 @@ from pathlib import Path
 
 from koe5.spec.schema import Spec
 
-# Bytes per parameter in one checkpoint: fp32 weights + AdamW's two fp32 moments (+ fp32 master weights
-# under bf16/fp16), with 10% for the rest (scheduler, RNG states, file overhead).
-BYTES_PER_PARAM = {"fp32": 12 * 1.1, "bf16": 14 * 1.1, "fp16": 14 * 1.1}
+# Bytes per parameter in one checkpoint: fp32 weights + AdamW's two fp32 moments (+ the fp16 weights beside
+# DeepSpeed's fp32 master copy under fp16; bf16 trains float32 weights), with 10% for the rest (scheduler,
+# RNG states, file overhead).
+BYTES_PER_PARAM = {"fp32": 12 * 1.1, "bf16": 12 * 1.1, "fp16": 14 * 1.1}
 
 
 def checkpoint_bytes(spec: Spec) -> int | None:

@@ -64,6 +64,8 @@ def trained_weights(*overrides: str) -> dict[str, torch.Tensor]:
     work = _workdir()
     rs = expand(work / "spec.yaml", list(overrides))[0]
     run_dir = work / f"run-{rs.spec_hash}"
+    if (run_dir / "model" / "model.safetensors").exists():  # the same spec written with other overrides
+        return load_file(run_dir / "model" / "model.safetensors")
     run_dir.mkdir(exist_ok=True)
     rs.freeze(run_dir / "spec.yaml")
     cmd = training_command(rs.spec, run_dir / "spec.yaml", run_dir)
@@ -71,6 +73,14 @@ def trained_weights(*overrides: str) -> dict[str, torch.Tensor]:
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return load_file(run_dir / "model" / "model.safetensors")
+
+
+def train_log(*overrides: str) -> list[dict]:
+    """The diagnostics rows (one per step: the workdir spec logs every step) of the run trained_weights made."""
+    trained_weights(*overrides)
+    rs = expand(_workdir() / "spec.yaml", list(overrides))[0]
+    path = _workdir() / f"run-{rs.spec_hash}" / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def assert_same_weights(a: dict, b: dict, tol: float = 1e-5) -> None:
@@ -143,6 +153,13 @@ def test_two_ranks_with_cross_device_negatives_match_one_process(mask):
     two = trained_weights("launch.nproc_per_node=2", "cache.chunk_size=3", mask)
     assert_trained(one)
     assert_same_weights(two, one)
+    # The weights alone would hide a wrong gradient scale (AdamW divides it out, clipping caps it): the
+    # gradient norms DeepSpeed hands the optimizer must match too, step by step. Catches a cross-device
+    # gradient scaled by anything but world_size (measured: halving it passes the weight check above).
+    norms_one = [row["grad_norm"] for row in train_log("cache.chunk_size=3", mask)]
+    norms_two = [row["grad_norm"] for row in train_log("launch.nproc_per_node=2", "cache.chunk_size=3", mask)]
+    assert len(norms_one) == 3 and all(n > 0 for n in norms_one)
+    assert norms_two == pytest.approx(norms_one, rel=1e-4)
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="POSIX shared memory lives in /dev/shm on Linux")
@@ -183,3 +200,45 @@ def test_gradients_are_reduced_once_per_step_not_once_per_chunk(stage, tmp_path)
         return
     assert counts.get("backward", 0) == 0
     assert counts["step"] >= 2  # at least one reduction per step, none per chunk
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_bf16_gradients_accumulate_in_float32_under_deepspeed(stage, tmp_path):
+    """train.precision=bf16 through the real engine hands the optimizer the same gradients as the plain
+    module with float32 .grad accumulation, at one backward per row. Catches DeepSpeed's own bf16 mode,
+    which summed GradCache's per-chunk gradients in bf16 (ZeRO-0's unfused optimizer, ZeRO-2's bf16
+    buffer): those differ here by 0.15 relative (measured at ZeRO 0 and 2). test_gradcache.py shows the float32 sum is as close to
+    the fp32 reference as an uncached bf16 step."""
+    rs = expand(_workdir() / "spec.yaml", ["train.precision=bf16", "cache.chunk_size=1", "train.grad_clip=null",
+                                           f"deepspeed.zero_stage={stage}"])[0]
+    rs.freeze(tmp_path / "spec.yaml")
+    cmd = [sys.executable, str(ROOT / "tests" / "ranks" / "bf16_grads.py"), str(tmp_path / "spec.yaml"),
+           str(tmp_path / "out.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["backward_calls"] == 8 + 16
+    assert out["weights_dtype"] == "torch.float32"  # the master weights are what trains and exports
+    assert out["rel_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_frozen_word_embeddings_stay_fixed_while_the_rest_trains(stage):
+    """train.freeze_embeddings keeps the word-embedding matrix at its initial values, on one process and on
+    two ZeRO-3 ranks alike, while every other weight trains as usual. Catches the key being ignored (seen:
+    the rows then move at both stages) and a frozen run that trains differently once ZeRO-3 partitions it."""
+    from koe5.model import resolve_model_path
+
+    initial = load_file(Path(resolve_model_path("builtin:tiny-ko-bert")) / "model.safetensors")
+    ranks = ("launch.nproc_per_node=2",) if stage == 3 else ()
+    frozen = trained_weights("train.freeze_embeddings=true", f"deepspeed.zero_stage={stage}", "cache.chunk_size=3",
+                             *ranks)
+    name = next(n for n in frozen if n.endswith("word_embeddings.weight"))
+    assert torch.equal(frozen[name], initial[name])
+    moved = [n for n in frozen if n != name and not torch.equal(frozen[n], initial[n])]
+    assert len(moved) > len(frozen) // 2, "the rest of the model did not train"
+    trained = trained_weights("cache.chunk_size=3")
+    assert not torch.equal(trained[name], initial[name])  # without the key, the same run moves them
+    if stage == 3:  # and the frozen run is the same on two ZeRO-3 ranks as on one process
+        assert_same_weights(frozen, trained_weights("train.freeze_embeddings=true", "cache.chunk_size=3"))

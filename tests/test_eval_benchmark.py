@@ -204,7 +204,7 @@ def test_embedding_cache_reuses_only_identical_texts_and_settings(tmp_path):
 
 
 def test_hugging_face_layouts_match_beir(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a dev dependency: a broken install must fail here, not skip (imported here: it is slow)
     beir = load_benchmark(str(write_beir(tmp_path / "b")))
     corpus = [{"_id": d, "title": t, "text": x} for d, t, x in CORPUS]
     queries = [{"_id": q, "text": t} for q, t, _ in QUERIES]

@@ -13,7 +13,7 @@ from koe5.eval.benchmark import load_benchmark
 from koe5.eval.evaluate import evaluate, write_mteb_json, write_per_query
 from test_eval_benchmark import SAMPLE, beir_to_autorag, ngram_encoder, write_beir
 
-cli = pytest.importorskip("koe5.cli")
+from koe5 import cli, registry  # koe5's own modules: a broken import must fail these tests, never skip them
 
 
 def run_cli(capsys, *argv):
@@ -23,7 +23,6 @@ def run_cli(capsys, *argv):
 
 
 def test_eval_gives_identical_numbers_for_both_layouts_and_records_a_baseline(tmp_path, capsys):
-    pytest.importorskip("koe5.model")
     # The project's sample benchmark when it is complete, else the small fixture; grades made binary
     # because the AutoRAG layout has none, so both directories hold identical content.
     complete = os.path.exists(os.path.join(SAMPLE, "qrels", "test.tsv"))
@@ -48,7 +47,6 @@ def test_eval_gives_identical_numbers_for_both_layouts_and_records_a_baseline(tm
     assert set(a["metrics"]) == {f"{m}@{k}" for m in ("ndcg", "recall", "precision", "f1", "mrr", "map") for k in (1, 3)}
 
 
-    registry = pytest.importorskip("koe5.registry")
     reg_path = tmp_path / "reg.duckdb"
     code, out, err = run_cli(capsys, "eval", "--benchmark", str(beir_dir), *fast,
                              "--registry", str(reg_path), "--name", "tiny-baseline",
@@ -76,7 +74,7 @@ def test_eval_bad_benchmark_exits_2_without_traceback(tmp_path, capsys):
 
 
 def test_bench_fetch_without_network_says_what_to_do(tmp_path, capsys, monkeypatch):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a dependency: a broken install must fail here, not skip (imported here: it is slow)
 
     def offline(*args, **kwargs):
         raise ConnectionError("Name or service not known")

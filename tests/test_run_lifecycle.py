@@ -134,3 +134,61 @@ def test_a_killed_run_resumes_from_its_checkpoint_when_the_spec_is_run_again(tmp
         "SELECT step FROM train_log WHERE run_id = ? ORDER BY step", [run["run_id"]])[1]]
     assert steps == list(range(1, 41))
     assert Registry(registry).get_run(run["run_id"])["error"] is None
+
+
+def test_a_run_killed_after_its_baseline_resumes_when_the_spec_runs_again(tmp_path):
+    """eval.baseline records a finished baseline before training starts. Running the same spec again after
+    the training run was killed must resume that run from its checkpoint. Catches dedupe that counts any
+    finished run of the spec hash: the baseline used to share it, and the rerun printed "already has a
+    finished run ...; nothing to do" and exited 0 with the training run left killed."""
+    registry = tmp_path / "koe5.duckdb"
+    env = {**os.environ, "KOE5_REGISTRY": str(registry), "KOE5_HEARTBEAT_S": "0.5"}
+    args = [sys.executable, "-m", "koe5.run", str(QUICKSTART), "train.max_steps=100000", "train.save_every=5",
+            "eval.baseline=true", f"output_dir={tmp_path / 'runs'}"]
+    with open(tmp_path / "run.log", "wb") as log:
+        proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not list((tmp_path / "runs").glob("*/checkpoints/latest.json")):
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text(errors="replace")[-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    runs = {r["kind"]: r for r in ls(registry)}
+    assert runs["baseline"]["status"] == "finished" and runs["train"]["status"] == "killed"
+
+    # Run the same spec again, for a few seconds: long enough to decide and start, not to finish 100,000 steps.
+    with open(tmp_path / "rerun.log", "wb") as log:
+        again = subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while "resuming from step" not in (tmp_path / "rerun.log").read_text(errors="replace"):
+        assert again.poll() is None and time.time() < deadline, (tmp_path / "rerun.log").read_text(errors="replace")
+        time.sleep(0.5)
+    again.send_signal(signal.SIGTERM)
+    again.wait(timeout=120)
+    text = (tmp_path / "rerun.log").read_text(errors="replace")
+    assert f"interrupted run, {runs['train']['run_id']}" in text and "nothing to do" not in text
+    assert sorted(r["kind"] for r in ls(registry)) == ["baseline", "train"]  # resumed in place, no new run
+
+
+def test_only_training_runs_decide_whether_a_spec_is_done(tmp_path):
+    """A finished baseline under the training spec's hash (as koe5 recorded them before baselines got their
+    own identity, so older registries hold them) neither skips nor blocks the resume of a killed training
+    run. Catches dedupe or resume rules that look at runs of every kind."""
+    from koe5.orchestrate.decide import decide
+    from koe5.registry import Registry
+    from koe5.train import checkpoint
+
+    reg = Registry(tmp_path / "koe5.duckdb")
+    reg.set_status(reg.create_run("x@init", "abc123", "{}", kind="baseline", status="running"), "finished")
+    train = reg.create_run("x", "abc123", "{}", kind="train", status="running")
+    reg.set_status(train, "killed")
+    run_dir = tmp_path / "run"
+    (checkpoint.checkpoint_dir(run_dir) / "step-00000005").mkdir(parents=True)
+    (checkpoint.checkpoint_dir(run_dir) / "step-00000005" / "koe5.json").write_text(json.dumps({"step": 5}))
+    (checkpoint.checkpoint_dir(run_dir) / "latest.json").write_text(json.dumps({"tag": "step-00000005"}))
+    reg.add_artifact(train, "run_dir", str(run_dir))
+    decision = decide(reg, "abc123", force=False)
+    assert (decision.action, decision.run["run_id"]) == ("resume", train)
+    reg.set_status(train, "finished")
+    assert decide(reg, "abc123", force=False).action == "skip"
+    assert decide(reg, "abc123", force=True).action == "new"

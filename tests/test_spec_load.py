@@ -40,7 +40,11 @@ def test_minimal_spec_fills_defaults_and_absolute_paths(tmp_path, monkeypatch):
     assert rs.spec.model.pooling == "mean" and rs.spec.train.batch_size == 32 and rs.spec.eval.k == [1, 3, 5, 10]
     assert rs.data["data"]["sources"][0] == {"path": str(tmp_path / "train.jsonl"), "weight": 1.0, "name": None,
                                              "fields": {"query": "query", "document": "document",
-                                                        "hard_negative": "hard_negative"}, "split": "train"}
+                                                        "hard_negative": "hard_negative", "label": "label",
+                                                        "score": "score", "group": None, "id": None},
+                                             "split": "train", "format": "triples", "encoding": "utf-8",
+                                             "file_type": None, "columns": None, "labels": {}, "min_score": None,
+                                             "group_size": None, "holdout": {"fraction": 0.0, "side": "train", "seed": 0}}
     assert rs.data["output_dir"] == str(tmp_path / "runs")
     assert rs.sweep_values == {} and rs.source_path == tmp_path / "spec.yaml"
     assert len(rs.spec_hash) == 16 and int(rs.spec_hash, 16) >= 0

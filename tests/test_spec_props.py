@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -110,10 +111,26 @@ def test_hash_ignores_key_order_comments_and_layout(d, rnd, indent, flow):
         assert resolve(root, text, "fancy.yaml").spec_hash == plain.spec_hash
 
 
+# Source keys that only a particular format accepts: the mutation sets the format along with the key.
+FORMAT_KEYS = {"min_score": {"format": "scored_pairs", "min_score": 0.5},
+               "group_size": {"format": "paraphrase", "group_size": 3},
+               "fields.group": {"format": "paraphrase", "fields": {"group": "g"}},
+               "labels": {"format": "pairs", "labels": {"positive": ["1"]}},
+               "columns": {"file_type": "csv", "columns": ["q", "d"]},
+               "holdout.side": {"holdout": {"fraction": 0.5, "side": "bench"}}}
+SOURCE_VALUES = {"format": "squad", "encoding": "cp949", "file_type": "jsonl", "holdout.fraction": 0.5}
+
+
 def mutation(path: str, value, data: dict) -> str | None:
     """An override that sets `path` to a different valid value, or None for keys changed elsewhere."""
     if path.endswith(".path") and path.startswith(("data.", "eval.")):
         return None  # content, not path, is hashed: tested with file edits
+    source_key = re.fullmatch(r"data\.sources\[(\d+)\]\.(.+)", path)
+    if source_key and source_key[2] in FORMAT_KEYS:  # keys that need their format: change the whole source
+        i = int(source_key[1])
+        return f"data.sources[{i}]={json.dumps(dict(data['data']['sources'][i], **FORMAT_KEYS[source_key[2]]))}"
+    if source_key and source_key[2] in SOURCE_VALUES:
+        return f"{path}={json.dumps(SOURCE_VALUES[source_key[2]])}"
     if path == "launch.nproc_per_node":
         new = 2 if value == 1 else 1
     elif path == "cache.chunk_size":
@@ -144,7 +161,8 @@ def mutation(path: str, value, data: dict) -> str | None:
     elif value is None:
         new = {"model.dropout": 0.1, "train.max_steps": 7, "train.epochs": 2.0, "train.grad_clip": 1.0,
                "registry.path": "r.duckdb", "cache.chunk_tokens": 4096, "train.save_every": 100,
-               "launch.hostfile": "hosts", "launch.master_port": 29501}.get(path, "named")
+               "launch.hostfile": "hosts", "launch.master_port": 29501, "eval.query_max_len": 128,
+               "eval.passage_max_len": 256}.get(path, "named")
         if isinstance(new, str):
             return f"{path}={new}"
     elif value == [] and path == "tags":

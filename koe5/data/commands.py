@@ -1,4 +1,5 @@
-"""`koe5 data stats SPEC`: what a spec's training data holds and what a run would draw from it."""
+"""`koe5 data stats SPEC`: what a spec's training data holds and what a run would draw from it.
+(`koe5 data bench` is in koe5/data/bench_commands.py.)"""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("data", help="training data: stats")
+    p = subparsers.add_parser("data", help="training data: stats, bench")
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     sub.required = True
     s = sub.add_parser("stats", help="per-source counts, token lengths, duplicates and the mix a run draws")
@@ -83,3 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stats)
+
+    from koe5.data.bench_commands import register_bench
+
+    register_bench(sub)

@@ -144,9 +144,30 @@ class TrainingData:
             positive[mine] = start + pick
             if n:  # rotate through each row's negatives: epoch e takes the next n after epoch e-1's
                 n_neg = t.rows_docs[r + 1] - start - n_pos
-                turn = (epoch * n + np.arange(n)[None, :]) % n_neg[:, None]
-                negatives[mine] = (start + n_pos)[:, None] + turn
+                turn = (epoch * n + np.arange(n)[None, :]) % np.maximum(n_neg, 1)[:, None]
+                chosen = (start + n_pos)[:, None] + turn
+                # A row with no negatives of its own (pair and QA sets: STS, paraphrases, MS MARCO) trains on
+                # the positives of other rows of its source, drawn per (seed, epoch, example): random in-domain
+                # negatives keep every row's layout the same, which cross-device gathering needs.
+                none = n_neg == 0
+                if none.any():
+                    chosen[none] = self._random_positives(t, ids[mine][none], r[none], epoch, n)
+                negatives[mine] = chosen
         return Batch(source, row, positive, negatives)
+
+    def _random_positives(self, t: TokenizedSource, ids: np.ndarray, rows: np.ndarray, epoch: int,
+                          n: int) -> np.ndarray:
+        """(len(rows), n) document indices: the first positive of n other rows of the same source, a pure
+        function of (seed, epoch, example id), so every rank and a resumed run draw the same."""
+        size = t.n_rows
+        if size < 2:
+            raise DataError(f"{t.meta['source']}: a source of one row has no other row to take negatives from")
+        out = np.empty((len(rows), n), dtype=np.int64)
+        for j in range(n):
+            offset = _mix64(self.spec.seed + 7919 * (j + 1), epoch, ids) % np.uint64(size - 1)
+            other = (rows + 1 + offset.astype(np.int64)) % size  # never the row itself
+            out[:, j] = t.rows_docs[other]
+        return out
 
     def collate(self, batch: Batch, device: torch.device):
         """Padded token ids of the batch's queries and documents, in the layout the loss expects (positives

@@ -2,7 +2,8 @@
 query passages that rank high but are not its positives (`koe5 mine`, in koe5/data/mine_commands.py).
 
 A mined negative must (1) rank within `ranks` for its query, (2) not be a positive of any row with the
-same query text, compared by normalized text (`text_key`), and (3) score below a margin under the
+same query text nor the query itself (paraphrase sets hold queries among the passages), compared by
+normalized text (`text_key`), and (3) score below a margin under the
 query's best positive: passages scoring about as high as the positive are often unlabelled positives,
 and training against them teaches the model to push true matches away.
 """
@@ -30,6 +31,9 @@ class MineStats:
     rows_short: int = 0           # fewer than the asked negatives (the rows with none included)
     rows_without_negatives: int = 0
     negatives_written: int = 0
+    # Candidates examined within the rank range and refused (until each query had enough negatives):
+    rejected_as_positive: int = 0    # a positive of a row with this query, or the query itself (normalized)
+    rejected_above_margin: int = 0   # scored too close to the best positive: likely an unlabelled positive
 
     @property
     def mean_negatives(self) -> float:
@@ -117,22 +121,26 @@ def mine(rows: list[Triple], passages: list[str], query_emb: np.ndarray, passage
 
     lo, hi = ranks
     mined: dict[str, list[str]] = {}
+    stats = MineStats(rows_read=len(rows), queries=len(queries), corpus=len(passages))
     for q, qv, (ids, scores) in zip(queries, query_emb, search(query_emb, passage_emb, hi)):
         # search() may return ties past the cut in any order; fix one ranking: score, then corpus order.
         order = np.lexsort((ids, -scores))[:hi]
         ids, scores = ids[order], scores[order]
         best = float(max(passage_emb[i] @ qv for i in pos_ids[q]))
         limit = best - margin_abs if margin_abs is not None else margin * best
-        excluded = {keys[i] for i in pos_ids[q]}
+        excluded = {keys[i] for i in pos_ids[q]} | {text_key(q)}
         found = []
         for i, s in zip(ids[lo - 1:], scores[lo - 1:]):
-            if s < limit and keys[i] not in excluded:
+            if keys[i] in excluded:
+                stats.rejected_as_positive += 1
+            elif s >= limit:
+                stats.rejected_above_margin += 1
+            else:
                 found.append(passages[i])
                 if len(found) == negatives:
                     break
         mined[q] = found
 
-    stats = MineStats(rows_read=len(rows), queries=len(queries), corpus=len(passages))
     out = []
     for row in rows:
         negs = mined[query_key(row)]

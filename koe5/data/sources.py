@@ -9,11 +9,19 @@ such files; a Hugging Face dataset saved with `save_to_disk`; or `hub:owner/name
 Records are streamed, never all held at once, so a source of millions of rows fits in memory. A line
 that cannot be parsed is yielded as a DataError rather than raised, so `data.on_error: skip` can count
 it and go on.
+
+Published datasets come as they were saved, so the reader takes what a source's spec says about them:
+`encoding` (cp949 and euc-kr are common for Korean files from Windows; a UTF-8 byte-order mark always wins),
+`file_type` (a tab-separated `.txt`) and `columns` (CSV/TSV without a header row). TSV is read literally:
+published TSVs (KorSTS, KorNLI, XNLI) put bare quotes inside sentences, which CSV quoting would take as
+the start of a multi-line cell and silently merge thousands of rows.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Iterator
@@ -32,7 +40,9 @@ def is_hub_id(path: str) -> bool:
     return str(path).startswith(HUB_PREFIX)
 
 
-def iter_records(path: str | Path, split: str = "train") -> Iterator[Record]:
+def iter_records(path: str | Path, split: str = "train", *, encoding: str = "utf-8", file_type: str | None = None,
+                 columns: list[str] | None = None) -> Iterator[Record]:
+    """`encoding`, `file_type` and `columns` are the source's keys of the same names (see the module doc)."""
     if is_hub_id(str(path)):
         yield from _hub_records(str(path)[len(HUB_PREFIX):], split)
         return
@@ -41,41 +51,52 @@ def iter_records(path: str | Path, split: str = "train") -> Iterator[Record]:
         if any((path / m).exists() for m in SAVED_DATASET_MARKERS):
             yield from _saved_dataset_records(path, split)
             return
-        files = source_files(path)
+        files = source_files(path, file_type)
         if not files:
             raise DataError(f"{path}: the directory holds no {', '.join(FILE_FORMATS)} files and is not a "
                             "dataset saved with save_to_disk")
         for f in files:
-            yield from _file_records(f)
+            yield from _file_records(f, encoding, file_type, columns)
         return
-    yield from _file_records(path)
+    yield from _file_records(path, encoding, file_type, columns)
 
 
-def source_files(directory: Path) -> list[Path]:
-    """The data files under a directory, in a stable order (the order rows are numbered in)."""
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in FILE_FORMATS)
+def source_files(directory: Path, file_type: str | None = None) -> list[Path]:
+    """The data files under a directory, in a stable order (the order rows are numbered in). With a
+    `file_type`, the files of that type and `.txt` files (all read as that type)."""
+    suffixes = {f".{file_type}", ".txt"} if file_type else set(FILE_FORMATS)
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
 
 
-def _file_records(path: Path) -> Iterator[Record]:
-    kind = FILE_FORMATS.get(path.suffix.lower())
+def _file_records(path: Path, encoding: str = "utf-8", file_type: str | None = None,
+                  columns: list[str] | None = None) -> Iterator[Record]:
+    kind = file_type or FILE_FORMATS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unknown file type '{path.suffix}'; use one of {', '.join(FILE_FORMATS)}, "
                         "a directory of them, a save_to_disk directory or hub:owner/name")
     if kind == "jsonl":
-        yield from _jsonl_records(path)
+        yield from _jsonl_records(path, encoding)
     elif kind == "json":
-        yield from _json_records(path)
+        yield from _json_records(path, encoding)
     elif kind == "parquet":
         yield from _parquet_records(path)
     else:
-        yield from _csv_records(path, delimiter="\t" if kind == "tsv" else ",")
+        yield from _csv_records(path, "\t" if kind == "tsv" else ",", encoding, columns)
 
 
-def _decode_line(raw: bytes, where: str) -> "dict | DataError":
+def not_encoded_as(encoding: str) -> str:
+    """What to say about bytes the declared encoding cannot decode (the message goes after 'file:line: ')."""
+    if codecs.lookup(encoding).name == "utf-8":
+        return ("bytes that are not UTF-8; set the source's encoding: (e.g. cp949 for Korean files saved on "
+                "Windows) or re-encode the file as UTF-8")
+    return f"bytes that are not {encoding}; check the source's encoding: (the default is utf-8)"
+
+
+def _decode_line(raw: bytes, where: str, encoding: str = "utf-8") -> "dict | DataError":
     try:
-        line = raw.decode("utf-8")
+        line = raw.decode(encoding)
     except UnicodeDecodeError as e:
-        return DataError(f"{where}: bytes that are not UTF-8 at column {e.start + 1}; re-encode the file as UTF-8")
+        return DataError(f"{where}: {not_encoded_as(encoding)} (column {e.start + 1})")
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -85,31 +106,37 @@ def _decode_line(raw: bytes, where: str) -> "dict | DataError":
     return row
 
 
-def _read_text(path: Path) -> str:
-    """A whole file as UTF-8 (a leading byte-order mark dropped); a bad byte names its line."""
-    raw = path.read_bytes()
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A whole file in its declared encoding (a UTF-8 byte-order mark means UTF-8 and is dropped); a byte
+    the encoding cannot decode names its line."""
+    raw = Path(path).read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        encoding, raw = "utf-8", raw[len(codecs.BOM_UTF8):]
     try:
-        return raw.decode("utf-8-sig")
+        return raw.decode(encoding)
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: bytes that are not UTF-8; re-encode the file as UTF-8")
+        raise DataError(f"{path}:{line}: {not_encoded_as(encoding)}") from None
 
 
-def _jsonl_records(path: Path) -> Iterator[Record]:
+def _jsonl_records(path: Path, encoding: str = "utf-8") -> Iterator[Record]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
             if raw.strip():
-                yield f"{path}:{lineno}", _decode_line(raw, f"{path}:{lineno}")
+                # A BOM-less line in a non-UTF-8 file: decode it as declared (the BOM case was handled above).
+                yield f"{path}:{lineno}", _decode_line(raw, f"{path}:{lineno}", encoding)
 
 
-def _json_records(path: Path) -> Iterator[Record]:
+def _json_records(path: Path, encoding: str = "utf-8") -> Iterator[Record]:
     """A JSON array of objects (each reported at the line it starts on), or JSON lines under a .json name."""
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
+        head = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
     if not head.startswith(b"["):
-        yield from _jsonl_records(path)
+        yield from _jsonl_records(path, encoding)
         return
-    text = _read_text(path)
+    text = read_text(path, encoding)
     try:
         items = json.loads(text)
     except json.JSONDecodeError as e:  # one broken array spoils the whole file
@@ -141,14 +168,19 @@ def _parquet_records(path: Path) -> Iterator[Record]:
             yield f"{path}: row {row}", record
 
 
-def _csv_records(path: Path, delimiter: str) -> Iterator[Record]:
-    text = _read_text(path)
-    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
+def _csv_records(path: Path, delimiter: str, encoding: str = "utf-8",
+                 columns: list[str] | None = None) -> Iterator[Record]:
+    """CSV (with CSV quoting) or TSV (literal, see the module doc). `columns` names the cells of a file
+    without a header row; a row with fewer cells lacks the last columns (the format reader names them)."""
+    text = read_text(path, encoding)
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    # newline="": the csv module splits lines itself (str.splitlines would also split at U+2028 and the like)
+    reader = csv.DictReader(io.StringIO(text, newline=""), fieldnames=columns, delimiter=delimiter, quoting=quoting)
     for record in reader:
         where = f"{path}:{reader.line_num}"
-        if None in record:  # more cells than the header names
-            yield where, DataError(f"{where}: {len(record[None])} more cells than the header's "
-                                   f"{len(reader.fieldnames)} columns")
+        if None in record:  # more cells than the header (or `columns`) names
+            yield where, DataError(f"{where}: {len(record[None])} more cells than the "
+                                   f"{len(reader.fieldnames)} columns {'of columns:' if columns else 'of the header'}")
             continue
         yield where, record
 

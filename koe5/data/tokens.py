@@ -1,7 +1,8 @@
 """Tokenized training sources, cached on disk and memory-mapped, so a second run of the same data starts
 in seconds and a million triples train in a few hundred MB of RAM.
 
-A source is tokenized once per (tokenizer, max lengths, prefixes, source content, fields, split,
+A source is tokenized once per (tokenizer, max lengths, prefixes, source content, every source key that
+decides its triples (fields, split, format, encoding, labels, min_score, holdout, ...),
 data.hard_negatives, data.on_error) into $KOE5_CACHE/tokens/<key>/ (arrays in native byte order):
 
     queries.ids   int32   token ids of every query (prefixed, truncated, special tokens added), concatenated
@@ -13,7 +14,7 @@ data.hard_negatives, data.on_error) into $KOE5_CACHE/tokens/<key>/ (arrays in na
     rows.npos     int32     its positives first (rows.npos[i] of them), then its hard negatives
     leak.exact    int64   hashes of every query and positive, as written and after the leakage guard's
     leak.norm     int64     normalization (koe5/data/leakage.py), so the guard never needs the text
-    meta.json     row/document counts, skipped lines, what the key was made of
+    meta.json     row/document counts, skipped lines, rows the format or holdout left out
 
 Readers only ever see a finished directory: it is built under a temporary name and renamed, and a
 file lock makes concurrent runs (or ranks) wait for the one that builds it.
@@ -36,7 +37,8 @@ from tqdm.auto import tqdm
 
 from koe5.data.errors import DataError
 from koe5.data.leakage import normalize
-from koe5.data.triples import exact_hash, iter_triples, text_key
+from koe5.data.mine_source import mine_source, mining_identity
+from koe5.data.triples import as_source, exact_hash, iter_triples, text_key
 from koe5.paths import cache_root
 
 FORMAT_VERSION = 1
@@ -61,10 +63,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(state.encode("utf-8")).hexdigest()
 
 
+# The source keys that change which triples a source gives (weight and name only change how it is drawn
+# and shown). A new SourceSpec key that changes the triples must be added here, or a stale cache is reused.
+TRIPLE_KEYS = ("fields", "split", "format", "encoding", "file_type", "columns", "labels", "min_score",
+               "group_size", "holdout", "mine")
+
+
 def cache_key(source, data_spec, model_spec, tokenizer_fp: str, source_fp: str) -> str:
+    source = as_source(source)  # sections filled, for a SourceSpec built in code
+    triple_keys = {k: getattr(source, k) for k in TRIPLE_KEYS}
+    triple_keys.update(fields=asdict(source.fields), holdout=asdict(source.holdout), mine=asdict(source.mine))
+    if source.mine.negatives:  # mined negatives depend on the mining model's weights too
+        triple_keys["mine"] = mining_identity(source, model_spec.name_or_path)
     ingredients = {
-        "version": FORMAT_VERSION, "tokenizer": tokenizer_fp, "source": source_fp,
-        "fields": asdict(source.fields), "split": source.split,
+        "version": FORMAT_VERSION, "tokenizer": tokenizer_fp, "source": source_fp, **triple_keys,
         "hard_negatives": data_spec.hard_negatives, "on_error": data_spec.on_error,
         "query_prefix": model_spec.query_prefix, "passage_prefix": model_spec.passage_prefix,
         "query_max_len": model_spec.query_max_len, "passage_max_len": model_spec.passage_max_len,
@@ -121,7 +133,10 @@ def _build(source, spec, tokenizer, out: Path) -> None:
     out.mkdir(parents=True)
     d = spec.data
     skipped: dict[str, int] | None = {} if d.on_error == "skip" else None
-    triples = iter_triples(source.path, d.hard_negatives, skipped, asdict(source.fields), source.split)
+    notes: dict[str, int] = {}
+    triples = iter_triples(source, d.hard_negatives, skipped, notes=notes)
+    if source.mine.negatives and d.hard_negatives:
+        triples = iter(mine_source(source, spec, list(triples), notes))  # the loop below reads an iterator
     backend = _encoder(tokenizer)
     specials = _special_tokens(backend)
     ends = {"queries": 0, "docs": 0, "rows": 0, "documents": 0}  # running totals: offsets continue from them
@@ -134,7 +149,7 @@ def _build(source, spec, tokenizer, out: Path) -> None:
                 _write_chunk(files, chunk, backend, spec.model, specials, ends)
                 bar.update(len(chunk))
     meta = {"rows": ends["rows"], "documents": ends["documents"], "source": str(source.path),
-            "skipped": (skipped or {}).get(str(source.path), 0), "version": FORMAT_VERSION}
+            "skipped": (skipped or {}).get(str(source.path), 0), "left_out": notes, "version": FORMAT_VERSION}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
 
 

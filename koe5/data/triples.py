@@ -1,34 +1,23 @@
-"""Turn source records into (query, positives, hard negatives) triples, with errors that name file:line
-and the field. Where the records come from (JSONL, Parquet, CSV, ...) is koe5/data/sources.py's job."""
+"""The triples of one training source: (query, positives, hard negatives), with errors that name file:line
+and the field. Where the records come from (JSONL, Parquet, CSV, encodings, ...) is koe5/data/sources.py's
+job; how each published layout (`format:`) becomes triples is koe5/data/formats.py's; this module applies
+the source's error policy (data.on_error) and its holdout side (koe5/data/holdout.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 import unicodedata
-from dataclasses import dataclass
-from pathlib import Path
+from collections import Counter
+from dataclasses import replace
 from typing import Iterator
 
 from koe5.data.errors import DataError
-from koe5.data.sources import iter_records
+from koe5.data.formats import Triple, parse_record, read_format
+from koe5.data.holdout import active, side_of
 
-__all__ = ["DataError", "Triple", "iter_triples", "read_triples", "text_key", "exact_hash"]
-
-# The canonical field names; a source's `fields:` maps them to its own column names.
-CANONICAL_FIELDS = ("query", "document", "hard_negative")
-
-
-@dataclass(frozen=True)
-class Triple:
-    query: str
-    positives: tuple[str, ...]        # one or more; data.positive picks which one a step uses
-    hard_negatives: tuple[str, ...]
-
-    @property
-    def document(self) -> str:
-        return self.positives[0]
-
+__all__ = ["DataError", "Triple", "iter_triples", "read_triples", "as_source", "parse_record", "text_key",
+           "exact_hash"]
 
 _SPACE = re.compile(r"\s+")
 
@@ -45,62 +34,59 @@ def exact_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
-def _field(record: dict, name: str, column: str, where: str, allow_list: bool) -> tuple[str, ...]:
-    label = f"'{column}'" if column == name else f"'{column}' ({name})"
-    if record.get(column) is None:
-        raise DataError(f"{where}: missing field {label}; each record needs query, document and hard_negative "
-                        "(map other column names with the source's fields:)")
-    value = record[column]
-    values = list(value) if (allow_list and isinstance(value, (list, tuple))) else [value]
-    if not values:
-        raise DataError(f"{where}: field {label} is an empty list")
-    for v in values:
-        if not isinstance(v, str):
-            raise DataError(f"{where}: field {label} must be a string{' or a list of strings' if allow_list else ''}, "
-                            f"found {type(v).__name__}")
-        if not v.strip():
-            raise DataError(f"{where}: field {label} is empty")
-    return tuple(values)
+def as_source(source, fields: dict | None = None, split: str = "train"):
+    """A SourceSpec for `source`: itself if it is one, else a triples source at that path whose `fields`
+    dict maps canonical names to columns (an absent name keeps its default; `hard_negative: None` = no
+    negatives column). How koe5/data/mine.py and older callers name a source."""
+    from koe5.spec.schema import FieldsSpec, HoldoutSpec, MineSpec, SourceSpec
+
+    if isinstance(source, SourceSpec):
+        if source.fields is None or source.holdout is None or source.mine is None:  # built in code, not validated
+            source = replace(source, fields=source.fields or FieldsSpec(), holdout=source.holdout or HoldoutSpec(),
+                             mine=source.mine or MineSpec())
+        return source
+    given = {k: v for k, v in (fields or {}).items() if v is not None or k == "hard_negative"}
+    return SourceSpec(path=str(source), fields=FieldsSpec(**given), split=split, holdout=HoldoutSpec(),
+                      mine=MineSpec())
 
 
-def parse_record(record: dict, where: str, hard_negatives: int, fields: dict[str, str] | None = None) -> Triple:
-    """One triple; `fields` maps canonical names to the record's column names."""
-    col = {name: (fields or {}).get(name) or name for name in CANONICAL_FIELDS}
-    query = _field(record, "query", col["query"], where, allow_list=False)[0]
-    positives = _field(record, "document", col["document"], where, allow_list=True)
-    negatives: tuple[str, ...] = ()
-    if hard_negatives > 0:
-        negatives = _field(record, "hard_negative", col["hard_negative"], where, allow_list=True)
-        if len(negatives) < hard_negatives:
-            raise DataError(f"{where}: field '{col['hard_negative']}' has {len(negatives)} negatives, "
-                            f"data.hard_negatives asks for {hard_negatives}")
-    return Triple(query, positives, negatives)
+def iter_triples(path, hard_negatives: int = 1, skipped: dict | None = None,
+                 fields: dict[str, str] | None = None, split: str = "train",
+                 notes: dict | None = None) -> Iterator[Triple]:
+    """The triples of one source, streamed. `path` is a SourceSpec (its format, encoding, fields, holdout
+    side, ...) or a path to a triples source (with `fields` and `split`). Negatives are read only when
+    `hard_negatives` > 0; a triple may have fewer than asked (even none).
 
-
-def iter_triples(path: str | Path, hard_negatives: int = 1, skipped: dict | None = None,
-                 fields: dict[str, str] | None = None, split: str = "train") -> Iterator[Triple]:
-    """The triples of one source, streamed. A bad record raises DataError, unless `skipped` is given
-    (data.on_error: skip): then it is left out and counted in skipped[str(path)]. A source with no
-    readable triple is an error either way."""
+    A bad record raises DataError, unless `skipped` is given (data.on_error: skip): then it is left out
+    and counted in skipped[str(path)]. Rows a format leaves out by design, and triples of the other
+    holdout side, are counted by reason in `notes`. A source with no readable triple is an error."""
+    source = as_source(path, fields, split)
+    key = str(source.path)
+    left_out: Counter = Counter()
+    split_by = source.holdout if active(source.holdout) else None
     count = 0
-    for where, record in iter_records(path, split):
-        try:
-            if isinstance(record, DataError):
-                raise record
-            triple = parse_record(record, where, hard_negatives, fields)
-        except DataError:
+    for item in read_format(source, hard_negatives > 0, left_out):
+        if isinstance(item, DataError):
             if skipped is None:
-                raise
-            skipped[str(path)] = skipped.get(str(path), 0) + 1
+                raise item
+            skipped[key] = skipped.get(key, 0) + 1
+            continue
+        if split_by and side_of(item.unit, split_by.fraction, split_by.seed) != split_by.side:
+            left_out[f"holdout: {'train' if split_by.side == 'bench' else 'bench'} side"] += 1
             continue
         count += 1
-        yield triple
+        yield item
+    if notes is not None:
+        for reason, n in left_out.items():
+            notes[reason] = notes.get(reason, 0) + n
     if not count:
-        raise DataError(f"{path}: the source holds no triples"
-                        + (" that could be read" if skipped and skipped.get(str(path)) else ""))
+        raise DataError(f"{key}: the source holds no triples"
+                        + (" that could be read" if skipped and skipped.get(key) else "")
+                        + (f" (left out: {dict(left_out)})" if left_out else ""))
 
 
-def read_triples(path: str | Path, hard_negatives: int = 1, skipped: dict | None = None,
-                 fields: dict[str, str] | None = None, split: str = "train") -> list[Triple]:
+def read_triples(path, hard_negatives: int = 1, skipped: dict | None = None,
+                 fields: dict[str, str] | None = None, split: str = "train",
+                 notes: dict | None = None) -> list[Triple]:
     """All triples of one source, in a list (see iter_triples)."""
-    return list(iter_triples(path, hard_negatives, skipped, fields, split))
+    return list(iter_triples(path, hard_negatives, skipped, fields, split, notes))

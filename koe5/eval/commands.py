@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 
 from koe5.eval.benchmark import BenchmarkError, load_benchmark
 from koe5.eval.evaluate import EvalResult
-from koe5.eval.model_eval import EncodeSettings, default_cache_dir, evaluate_encoder, format_table, record_results
+from koe5.eval.model_eval import (EncodeSettings, LengthError, default_cache_dir, evaluate_model, format_table,
+                                  record_baseline)
 from koe5.eval.presets import PRESETS, FetchError, fetch, preset_dir
 from koe5.provenance import provenance
 
@@ -31,23 +31,15 @@ def _name_and_path(arg: str) -> tuple[str | None, str]:
     return None, arg
 
 
-def _settings(args, encoder, prefixes: dict) -> dict:
-    """Everything that determines the numbers, recorded as the baseline run's spec."""
-    return {
-        "model": {"name_or_path": args.model, "fingerprint": encoder.fingerprint, "pooling": encoder.model.pooling,
-                  "normalize": encoder.model.normalize,
-                  "query_prefix": prefixes["query"], "passage_prefix": prefixes["passage"],
-                  "query_max_len": args.query_max_len, "passage_max_len": args.passage_max_len},
-        "eval": {"benchmarks": args.benchmark, "k": args.k, "index": args.index},
-    }
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     ks = sorted(set(args.k))
     if any(k < 1 for k in ks):
         return fail(f"--k values must be positive integers, got {args.k}")
     if args.nproc < 1:
         return fail(f"--nproc must be 1 or more, got {args.nproc}")
+    for flag, value in (("--query-max-len", args.query_max_len), ("--passage-max-len", args.passage_max_len)):
+        if value is not None and value < 1:
+            return fail(f"{flag} must be a positive number of tokens, got {value}")
     benchmarks = []
     try:
         for arg in args.benchmark:
@@ -79,12 +71,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else saved.get("passage", DEFAULT_PREFIXES["passage"]),
     }
 
+    # Unset lengths are the model's own maximum (koe5/eval/model_eval.py), the same rule koe5-run uses.
     encode = EncodeSettings(prefixes["query"], prefixes["passage"], args.query_max_len, args.passage_max_len,
                             args.batch_size)
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
-    results = evaluate_encoder(encoder, benchmarks, ks, encode, cache_dir=cache_dir, index=args.index,
-                               progress=args.progress, nproc=args.nproc)
-    settings = _settings(args, encoder, prefixes)
+    try:
+        results, settings = evaluate_model(encoder, args.model, benchmarks, ks, encode,
+                                           names=("--query-max-len", "--passage-max-len"), cache_dir=cache_dir,
+                                           index=args.index, progress=args.progress, nproc=args.nproc)
+    except LengthError as e:
+        return fail(str(e))
     run_id = None
     if not args.no_record:
         try:
@@ -111,31 +107,19 @@ class RecordError(Exception):
 
 
 def _record(args, settings: dict, results: list[EvalResult], device: str) -> str:
-    """Record a finished `baseline` run with its metrics, artifacts and provenance (`device`: where it
-    encoded); returns the run id."""
+    """Record a finished `baseline` run with its metrics, artifacts, settings and provenance (`device`: where
+    it encoded) through the path koe5-run's baselines take; returns the run id."""
     try:
         from koe5.registry import Registry, RegistryError
     except ImportError as e:
         raise RecordError(f"the registry is unavailable ({e}); rerun with --no-record") from None
-    import yaml
 
-    spec_yaml = yaml.safe_dump(settings, allow_unicode=True, sort_keys=True)
-    spec_hash = hashlib.sha256(spec_yaml.encode("utf-8")).hexdigest()[:16]
     name = args.name or f"baseline-{os.path.basename(os.path.normpath(args.model))}"
     try:
-        reg = Registry(args.registry)
-        run_id = reg.create_run(name=name, kind="baseline", spec_hash=spec_hash, spec_yaml=spec_yaml, status="running",
-                                provenance=provenance(args.nproc, device))
-    except RegistryError as e:
-        raise RecordError(str(e)) from None
-    try:
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(reg.path)), "artifacts", run_id)
-        record_results(reg, run_id, results, out, args.model)
+        return record_baseline(Registry(args.registry), name, results, settings, args.out, args.model,
+                               provenance(args.nproc, device))
     except (RegistryError, OSError) as e:
-        reg.set_status(run_id, "failed", error=str(e))
-        raise RecordError(f"run {run_id}: {e}") from None
-    reg.set_status(run_id, "finished")
-    return run_id
+        raise RecordError(str(e)) from None
 
 
 def cmd_bench_fetch(args: argparse.Namespace) -> int:
@@ -169,8 +153,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--query-prefix", help="default: the model directory's, else 'query: '")
     p.add_argument("--passage-prefix", help="default: the model directory's, else 'passage: '")
     p.add_argument("--pooling", choices=["mean", "cls"], help="default: the model directory's, else mean")
-    p.add_argument("--query-max-len", type=int, default=512)
-    p.add_argument("--passage-max-len", type=int, default=512)
+    p.add_argument("--query-max-len", type=int, help="tokens, prefix included (default: the model's own maximum)")
+    p.add_argument("--passage-max-len", type=int, help="tokens, prefix included (default: the model's own maximum)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--nproc", type=int, default=1,

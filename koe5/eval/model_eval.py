@@ -1,11 +1,26 @@
 """Evaluate an `Encoder` on benchmarks and record the results: the one path shared by `koe5-run`
-(after training) and `koe5 eval` (baselines)."""
+(the trained model and the untrained baseline) and `koe5 eval` (any model as a baseline).
+
+Three steps, each one function, used the same way by both commands:
+- `resolve_lengths`: the token lengths evaluation encodes at. Unless the caller sets them, the model's own
+  maximum (`koe5.model.model_max_length`), as MTEB evaluates: the training truncation
+  (`model.passage_max_len`) is a training-speed choice and understates long-document benchmarks.
+- `evaluate_encoder`: encode (through the embedding cache, keyed by the lengths actually used) -> search
+  -> metrics, per benchmark.
+- `record_evaluation` writes metrics, per-query and MTEB artifacts and `eval_settings.json` (everything
+  that determined the numbers) under a run; `record_baseline` first creates that run, kind `baseline`,
+  with the evaluation's own identity as its spec hash, never a training spec's: a baseline is no
+  training run, so it can never stand in for one when koe5-run decides whether a spec is done.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from koe5.eval.benchmark import Benchmark
 from koe5.eval.evaluate import EvalResult, cached, evaluate, write_mteb_json, write_per_query
@@ -16,12 +31,39 @@ from koe5.paths import cache_root
 
 @dataclass
 class EncodeSettings:
-    """Everything besides the weights that changes the embeddings."""
+    """Everything besides the weights that changes the embeddings. A max length of None means the
+    model's own maximum; `resolve_lengths` replaces it with the number before anything is encoded."""
     query_prefix: str
     passage_prefix: str
-    query_max_len: int
-    passage_max_len: int
+    query_max_len: Optional[int] = None
+    passage_max_len: Optional[int] = None
     batch_size: int = 64
+
+
+class LengthError(ValueError):
+    """A requested evaluation length the model cannot take; the message names the setting."""
+
+
+def model_limit(encoder) -> int:
+    """The longest input `encoder`'s backbone accepts (its position table, capped by its tokenizer)."""
+    from koe5.model import model_max_length
+
+    return model_max_length(encoder.model.backbone.config, encoder.tokenizer)
+
+
+def resolve_lengths(settings: EncodeSettings, limit: int, names: tuple[str, str] = (
+        "eval.query_max_len", "eval.passage_max_len")) -> EncodeSettings:
+    """`settings` with each unset length replaced by `limit` (the model's maximum). A length above the
+    limit would index past the position table (a library traceback mid-evaluation), so it is refused here,
+    naming the setting (`names`: how the caller's user spells the two lengths)."""
+    out = {}
+    for field, name in zip(("query_max_len", "passage_max_len"), names):
+        value = getattr(settings, field)
+        if value is not None and value > limit:
+            raise LengthError(f"{name} is {value}, longer than the model's maximum input of {limit} tokens; "
+                              f"use at most {limit}, or leave it unset for the model's maximum")
+        out[field] = limit if value is None else value
+    return dataclasses.replace(settings, **out)
 
 
 def default_cache_dir() -> str:
@@ -34,7 +76,8 @@ def evaluate_encoder(encoder, benchmarks: Sequence[Benchmark], ks: Sequence[int]
     """Metrics of `encoder` on each benchmark. With `cache_dir`, embeddings are kept on disk keyed by the
     model's content hash and the settings, so re-evaluating the same model never re-encodes. With
     `nproc` > 1 the texts are encoded by that many processes (koe5/eval/shard.py)."""
-    s = settings
+    # Resolved here too, so the cache key below always holds the lengths actually encoded at, never None.
+    s = resolve_lengths(settings, model_limit(encoder))
 
     def encode(texts, prefix, max_len, what):
         if nproc > 1:
@@ -58,14 +101,75 @@ def evaluate_encoder(encoder, benchmarks: Sequence[Benchmark], ks: Sequence[int]
     return [evaluate(encode_queries, encode_passages, b, ks, index=index) for b in benchmarks]
 
 
-def record_results(registry, run_id: str, results: Sequence[EvalResult], out_dir: str, model_name: str) -> None:
-    """Metrics (with the benchmark fingerprint and evaluator version) and per-query / MTEB artifacts."""
+def evaluate_model(encoder, model_name: str, benchmarks: Sequence[Benchmark], ks: Sequence[int],
+                   settings: EncodeSettings, *, names: tuple[str, str] = ("eval.query_max_len", "eval.passage_max_len"),
+                   cache_dir: str | None = None, index: str = "flat", progress: bool = False,
+                   nproc: int = 1) -> tuple[list[EvalResult], dict]:
+    """(results, description): the lengths resolved against the model (a bad one raises `LengthError`
+    naming `names`), every benchmark evaluated, and what to record with the numbers."""
+    settings = resolve_lengths(settings, model_limit(encoder), names)
+    results = evaluate_encoder(encoder, benchmarks, ks, settings, cache_dir=cache_dir, index=index,
+                               progress=progress, nproc=nproc)
+    return results, describe(encoder, model_name, settings, benchmarks, ks, index)
+
+
+def describe(encoder, model_name: str, settings: EncodeSettings, benchmarks: Sequence[Benchmark],
+             ks: Sequence[int], index: str = "flat") -> dict:
+    """Everything that determines the numbers: recorded with every evaluation (`eval_settings.json`), and
+    a baseline run's spec. `settings` must be resolved (concrete lengths)."""
+    return {
+        "model": {"name_or_path": model_name, "fingerprint": encoder.fingerprint, "pooling": encoder.model.pooling,
+                  "normalize": encoder.model.normalize, "max_length": model_limit(encoder),
+                  "query_prefix": settings.query_prefix, "passage_prefix": settings.passage_prefix,
+                  "query_max_len": settings.query_max_len, "passage_max_len": settings.passage_max_len},
+        "eval": {"benchmarks": [{"name": b.name, "fingerprint": b.fingerprint} for b in benchmarks],
+                 "k": sorted(ks), "index": index, "device": encoder.device.split(":")[0]},
+    }
+
+
+def identity(description: dict) -> str:
+    """A baseline's spec hash: 16 hex chars of sha256 over its canonical description (the model's weights
+    fingerprint, the benchmarks' content fingerprints, the settings), so the same evaluation has the same
+    hash whichever command recorded it."""
+    text = json.dumps(description, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def record_evaluation(registry, run_id: str, results: Sequence[EvalResult], description: dict, out_dir: str,
+                      model_name: str) -> None:
+    """Metrics (with the benchmark fingerprint and evaluator version), per-query / MTEB artifacts, and the
+    settings the numbers came from, under `run_id`."""
+    os.makedirs(out_dir, exist_ok=True)
+    settings_path = os.path.join(out_dir, "eval_settings.json")
+    with open(settings_path, "w", encoding="utf-8") as f:
+        json.dump(description, f, ensure_ascii=False, indent=2, sort_keys=True)
+    registry.add_artifact(run_id, "eval_settings", settings_path)
     for r in results:
         registry.add_metrics(run_id, r.benchmark, r.metrics.aggregate, fingerprint=r.fingerprint,
                              evaluator_version=EVALUATOR_VERSION)
         registry.add_artifact(run_id, "per_query",
                               write_per_query(r, os.path.join(out_dir, f"per_query-{r.benchmark}.parquet")))
         registry.add_artifact(run_id, "mteb_json", write_mteb_json(r, os.path.join(out_dir, "mteb"), model_name))
+
+
+def record_baseline(registry, name: str, results: Sequence[EvalResult], description: dict, out_dir: str | None,
+                    model_name: str, provenance: dict, tags: Sequence[str] = (), sweep_id: str | None = None) -> str:
+    """Record a finished evaluation as a run of kind `baseline`; returns its id. `out_dir` None puts the
+    artifacts in artifacts/<run id> next to the registry file. A failure while recording marks the run
+    failed and re-raises."""
+    import yaml
+
+    spec_yaml = yaml.safe_dump(description, allow_unicode=True, sort_keys=True)
+    run_id = registry.create_run(name, identity(description), spec_yaml, kind="baseline", status="running",
+                                 tags=list(tags), sweep_id=sweep_id, provenance=provenance)
+    try:
+        out = out_dir or os.path.join(os.path.dirname(os.path.abspath(registry.path)), "artifacts", run_id)
+        record_evaluation(registry, run_id, results, description, str(out), model_name)
+    except Exception as e:
+        registry.set_status(run_id, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    registry.set_status(run_id, "finished")
+    return run_id
 
 
 def format_table(results: Sequence[EvalResult], ks: Sequence[int]) -> str:

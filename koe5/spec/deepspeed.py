@@ -13,7 +13,9 @@ from koe5.spec.schema import Spec
 
 
 def trainer_clips(spec: Spec) -> bool:
-    return spec.deepspeed.zero_stage == 0 and spec.train.precision == "fp32"
+    """Whether koe5 clips (and measures) the gradient norm itself: ZeRO-0 with float32 weights, where
+    DeepSpeed hands the torch optimizer through unwrapped."""
+    return spec.deepspeed.zero_stage == 0 and spec.train.precision != "fp16"
 
 
 def zero_config(spec: Spec) -> dict[str, Any]:
@@ -37,13 +39,17 @@ def derived_config(spec: Spec, world_size: int) -> dict[str, Any]:
         # mode step() is the one accumulation boundary: ZeRO 0/1 reduce once there, ZeRO 2/3 finalize the
         # partitions they reduced chunk by chunk. No "Gradient computed twice" and no per-chunk all-reduce.
         "managed_gradient_accumulation": False,
-        # fp32 ZeRO-0 hands the torch optimizer through unwrapped and discards the gradient norm; there the
+        # float32 ZeRO-0 hands the torch optimizer through unwrapped and discards the gradient norm; there the
         # trainer clips in a pre-step hook (koe5/train/trainer.py) so the norm can be logged.
         "gradient_clipping": 0.0 if trainer_clips(spec) else float(t.grad_clip or 0.0),
         "zero_optimization": zero_config(spec),
         # koe5 passes a torch AdamW; with offload DeepSpeed would otherwise insist on its compiled CPU Adam.
         "zero_force_ds_cpu_optimizer": False,
-        "bf16": {"enabled": t.precision == "bf16"},
+        # bf16 is koe5's autocast over float32 weights (koe5/train/step.py), not DeepSpeed's bf16 mode: there
+        # GradCache's many backward calls per step summed their gradients in bf16 (ZeRO-0's unfused optimizer,
+        # ZeRO-2's bf16 buffer), and DeepSpeed has no fp32 accumulation for bf16 at ZeRO-0. With float32
+        # weights every ZeRO stage accumulates in float32 and the export takes the master weights.
+        "bf16": {"enabled": False},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,  # koe5 logs its own diagnostics
         "wall_clock_breakdown": False,

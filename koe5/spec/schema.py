@@ -45,7 +45,41 @@ class FieldsSpec:
     query: str = doc("Column holding the query (a string).", "query")
     document: str = doc("Column holding the positive document: a string, or a list of positives (see data.positive).",
                         "document")
-    hard_negative: str = doc("Column holding the hard negatives: a string or a list of strings.", "hard_negative")
+    hard_negative: Optional[str] = doc(
+        "Column holding the hard negatives: a string or a list of strings (may be shorter than data.hard_negatives, "
+        "even empty); null = the source has no negatives column.", "hard_negative")
+    label: str = doc("Formats nli and pairs: column holding the label that `labels` maps.", "label")
+    score: str = doc("Format scored_pairs: column holding the similarity score.", "score")
+    group: Optional[str] = doc("Format paraphrase: column naming each sentence's group (instead of `group_size`).",
+                               None)
+    id: Optional[str] = doc("Column identifying a record's unit for `holdout` (e.g. a query id); null = the query "
+                            "text. Formats squad, nli and paraphrase have their own units (article title, premise, "
+                            "group).", None)
+
+
+@dataclass
+class HoldoutSpec:
+    fraction: float = doc("Share of the source's units (article, query id, premise, group: see fields.id) put on the "
+                          "bench side, by a hash of (seed, unit), never by position; 0 = no split.", 0.0)
+    side: Literal["train", "bench"] = doc("Which side this source reads: `train` never sees a query or passage of a "
+                                          "bench-side unit.", "train")
+    seed: int = doc("Seed of the split; the same seed and fraction give the same sides everywhere.", 0)
+
+
+@dataclass
+class MineSpec:
+    negatives: int = doc("Hard negatives to mine per row from this source's own passages, with the mining model, "
+                         "before training (koe5/data/mine_source.py); they follow the row's own negatives. 0 = no "
+                         "mining.", 0)
+    ranks: list[int] = doc("[first, last]: the 1-based rank range candidates come from; skipping the top ranks "
+                           "avoids unlabelled positives.", [3, 50])
+    margin: float = doc("False-negative filter: a candidate must score below margin x the query's best positive "
+                        "score (as sentence-transformers' relative margin).", 0.95)
+    margin_abs: Optional[float] = doc("Absolute filter instead of `margin`: below the best positive's score minus "
+                                      "this; null = use margin.", None)
+    model: Optional[str] = doc("The mining model (hub id or directory); null = model.name_or_path, the model "
+                               "being trained, as it is before training.", None)
+    batch_size: int = doc("Encoding batch size while mining.", 64)
 
 
 @dataclass
@@ -56,6 +90,33 @@ class SourceSpec:
     name: Optional[str] = doc("Short name shown in the data mix; defaults to the file name.", None)
     fields: FieldsSpec = doc("Which columns hold the query, the positive(s) and the hard negatives.", None)
     split: str = doc("Split to read from a save_to_disk DatasetDict or a hub dataset.", "train")
+    format: Literal["triples", "squad", "nli", "scored_pairs", "paraphrase", "pairs"] = doc(
+        "How records become (query, positives, hard negatives) (koe5/data/formats.py): `triples` = one record per "
+        "query; `squad` = SQuAD-style JSON, question -> its paragraph, the article's other paragraphs as hard "
+        "negatives; `nli` = rows grouped by premise, entailments as positives, contradictions as negatives; "
+        "`scored_pairs` = a pair is a positive when its score >= min_score; `paraphrase` = each member of a group "
+        "is a query whose positives are the other members; `pairs` = labelled pairs grouped by query, "
+        "labels.positive rows as positives, labels.negative rows as hard negatives.", "triples")
+    encoding: str = doc("Text encoding of CSV/TSV/JSON files (utf-8, cp949, euc-kr, ...); a file starting with a UTF-8 "
+                        "byte-order mark is read as UTF-8 whatever is declared.", "utf-8")
+    file_type: Optional[Literal["jsonl", "json", "parquet", "csv", "tsv"]] = doc(
+        "Read the file (or a directory's .txt files and files of this type) as this type whatever the extension, "
+        "e.g. a tab-separated `.txt`; null = by extension. TSV is read literally (a quote is text, as in published "
+        "TSVs); CSV follows CSV quoting.", None)
+    columns: Optional[list[str]] = doc(
+        "Names of the columns of a CSV/TSV file that has no header row, in order; null = the first row is the header.",
+        None)
+    labels: dict = doc(
+        "Formats nli and pairs: label value(s) of each class, compared as text (`0` matches \"0\"). nli: "
+        "`entailment`, `contradiction`, `neutral` (default: those words); pairs: `positive` (required), `negative`. "
+        "When every class of the format is listed, any other value is a bad row; otherwise unlisted values are "
+        "left out.", {})
+    min_score: Optional[float] = doc("Format scored_pairs: the least score that makes a pair a positive.", None)
+    group_size: Optional[int] = doc("Format paraphrase: each run of this many consecutive records is one group "
+                                    "(or name a group column in fields.group).", None)
+    holdout: HoldoutSpec = doc("Split the source by unit into a benchmark side and a training side "
+                               "(`koe5 data bench` writes the benchmark).", None)
+    mine: MineSpec = doc("Mine hard negatives for this source's rows (pair and QA sets publish none).", None)
 
 
 @dataclass
@@ -113,11 +174,18 @@ class TrainSpec:
     warmup_ratio: float = doc("Fraction of steps with linear warmup from 0 to lr.", 0.1)
     scheduler: Literal["linear", "cosine", "constant"] = doc("Learning-rate decay after warmup.", "linear")
     grad_clip: Optional[float] = doc("Clip the global gradient norm to this value; null disables.", 1.0)
-    precision: Literal["fp32", "bf16", "fp16"] = doc("Training precision (bf16/fp16 through DeepSpeed's mixed precision).", "fp32")
+    precision: Literal["fp32", "bf16", "fp16"] = doc(
+        "Training precision. bf16: float32 master weights and gradients, forwards under bf16 autocast, so "
+        "GradCache's per-chunk gradients accumulate in float32. fp16: DeepSpeed's fp16 mixed precision with "
+        "loss scaling (its gradients accumulate in fp16).", "fp32")
     device: Literal["auto", "cpu", "cuda"] = doc("Where to train; auto picks cuda when available.", "auto")
     gradient_checkpointing: bool = doc(
         "Recompute each layer's activations in backward. Redundant with GradCache (whose memory is already "
         "one chunk's activations); useful only to fit larger chunks, at ~30% more compute.", False)
+    freeze_embeddings: bool = doc(
+        "Keep the word-embedding matrix fixed (positions, layers and norms still train). For multilingual-e5 it "
+        "holds most parameters (96M of mE5-small's 118M), nearly all rows of which a Korean batch never "
+        "touches, so freezing it removes most of the gradient, optimizer memory and update time.", False)
     log_every: int = doc("Write a diagnostics row every this many steps.", 10, resume_safe=True)
     save_every: Optional[int] = doc(
         "Write a checkpoint (weights, optimizer, scheduler, RNG states, step) every this many steps; null "
@@ -162,6 +230,12 @@ class EvalSpec:
     benchmarks: list[BenchmarkSpec] = doc("Benchmarks evaluated after training.", [], resume_safe=True)
     k: list[int] = doc("Cut-offs for every metric.", [1, 3, 5, 10], resume_safe=True)
     batch_size: int = doc("Encoding batch size.", 64, resume_safe=True)
+    query_max_len: Optional[int] = doc(
+        "Query length in tokens (prefix included) at evaluation; null = the model's own maximum, as MTEB "
+        "evaluates (model.query_max_len is the training truncation only).", None, resume_safe=True)
+    passage_max_len: Optional[int] = doc(
+        "Passage length in tokens (prefix included) at evaluation; null = the model's own maximum, so long "
+        "documents are not cut at the training truncation (model.passage_max_len).", None, resume_safe=True)
     baseline: bool = doc("Also evaluate the model before training and record it as a baseline run.", False,
                          resume_safe=True)
 

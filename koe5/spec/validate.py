@@ -7,6 +7,7 @@ spec is otherwise valid and its precision or process count depends on the GPUs p
 
 from __future__ import annotations
 
+import codecs
 import math
 import os
 import typing
@@ -229,14 +230,17 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: 
             if s is None:
                 continue
             need(f"data.sources[{i}].weight", s.weight, finite_positive, "expected a weight > 0")
+            _check_source_format(s, f"data.sources[{i}]", bad, need, broken)
             key = f"data.sources[{i}].path"
             if not isinstance(s.path, str) or key in broken or is_hub_id(s.path):
                 continue
             if not Path(s.path).exists():
                 missing(key, f"file {s.path} does not exist")
-            elif Path(s.path).is_file() and Path(s.path).suffix.lower() not in FILE_FORMATS:
+            elif (Path(s.path).is_file() and Path(s.path).suffix.lower() not in FILE_FORMATS
+                  and not (isinstance(s.file_type, str) and f"data.sources[{i}].file_type" not in broken)):
                 bad(key, f"unknown file type '{Path(s.path).suffix}' ({s.path}); expected one of "
-                         f"{', '.join(FILE_FORMATS)}, a directory of them, a save_to_disk directory or hub:owner/name")
+                         f"{', '.join(FILE_FORMATS)}, a directory of them, a save_to_disk directory or hub:owner/name "
+                         "(or set the source's file_type: to read it as one of them)")
     need("data.hard_negatives", d.hard_negatives, lambda v: v >= 0, "expected 0 or more")
     need("data.mixing_temperature", d.mixing_temperature, finite_positive, "expected a temperature > 0")
 
@@ -295,6 +299,9 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: 
         if repeated:
             bad("eval.k", f"cut-offs must be unique, {repeated} appear more than once")
     need("eval.batch_size", e.batch_size, positive, "expected a positive batch size")
+    need("eval.query_max_len", e.query_max_len, positive, "expected a positive length (or null for the model's maximum)")
+    need("eval.passage_max_len", e.passage_max_len, positive,
+         "expected a positive length (or null for the model's maximum)")
     if isinstance(e.benchmarks, list):
         names = [b.name for b in e.benchmarks if b is not None]
         for i, b in enumerate(e.benchmarks):
@@ -307,6 +314,88 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: 
                                                       "BEIR layout: corpus.jsonl, queries.jsonl, qrels/test.tsv)")
 
     _check_deepspeed(spec, bad, broken, nproc if nproc_ok else 1)
+
+
+def _check_source_format(s: schema.SourceSpec, at: str, bad: Callable[[str, str], None], need: Callable,
+                         broken: _Broken) -> None:
+    """The keys a source's format needs, and no key its format would ignore (a key that silently does
+    nothing is a mistake the user cannot see). Formats are described in koe5/data/formats.py."""
+    from koe5.data.formats import LABEL_CLASSES
+
+    if isinstance(s.encoding, str) and f"{at}.encoding" not in broken:
+        try:
+            codecs.lookup(s.encoding)
+        except LookupError:
+            bad(f"{at}.encoding", f"unknown text encoding {s.encoding!r} (e.g. utf-8, cp949, euc-kr)")
+    if isinstance(s.columns, list) and f"{at}.columns" not in broken:
+        kind = s.file_type or (FILE_FORMATS.get(Path(s.path).suffix.lower()) if isinstance(s.path, str) else None)
+        if not s.columns:
+            bad(f"{at}.columns", "expected the column names (or null when the file's first row is its header)")
+        elif len(set(s.columns)) != len(s.columns):
+            bad(f"{at}.columns", f"column names must be unique, found {s.columns}")
+        elif kind in ("jsonl", "json", "parquet") or s.format == "squad":
+            what = "format squad" if s.format == "squad" else kind
+            bad(f"{at}.columns", f"only for CSV/TSV files without a header row; this source is {what}")
+    fmt = s.format if isinstance(s.format, str) and f"{at}.format" not in broken else None
+    fields = s.fields if isinstance(s.fields, schema.FieldsSpec) else schema.FieldsSpec()
+    labels = s.labels if isinstance(s.labels, dict) and f"{at}.labels" not in broken else {}
+    if fmt is None:
+        return
+
+    def only(key: str, value: Any, formats: tuple[str, ...]) -> None:
+        if value not in (None, {}) and fmt not in formats and f"{at}.{key}" not in broken:
+            bad(f"{at}.{key}", f"only used by format {' and '.join(formats)}; this source's format is {fmt}")
+
+    only("min_score", s.min_score, ("scored_pairs",))
+    only("group_size", s.group_size, ("paraphrase",))
+    only("fields.group", fields.group, ("paraphrase",))
+    only("labels", labels, tuple(LABEL_CLASSES))
+    if fmt == "squad" and s.file_type not in (None, "json"):
+        bad(f"{at}.file_type", f"format squad reads SQuAD JSON; file_type must be json or null, found {s.file_type!r}")
+    if fmt == "scored_pairs" and s.min_score is None and f"{at}.min_score" not in broken:
+        bad(f"{at}.min_score", "needed by format scored_pairs: the least score that makes a pair a positive")
+    need(f"{at}.min_score", s.min_score, math.isfinite, "expected a finite score")
+    if fmt == "paraphrase" and f"{at}.group_size" not in broken:
+        if (s.group_size is None) == (fields.group is None):
+            bad(f"{at}.group_size", "format paraphrase needs exactly one of group_size (that many consecutive "
+                                    "records per group) or fields.group (a column naming each record's group)")
+        need(f"{at}.group_size", s.group_size, lambda v: v >= 2, "expected a group of 2 or more")
+    if fmt in LABEL_CLASSES:
+        classes = LABEL_CLASSES[fmt]
+        seen: dict[str, str] = {}
+        for cls, values in labels.items():
+            key = f"{at}.labels.{cls}"
+            if cls not in classes:
+                bad(key, f"format {fmt} has no label class {cls!r}; its classes are {', '.join(classes)}")
+                continue
+            values = values if isinstance(values, list) else [values]
+            if not values or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in values):
+                bad(key, f"expected a label value (text or number) or a list of them, found {values!r}")
+                continue
+            for v in values:
+                if str(v).strip() in seen and seen[str(v).strip()] != cls:
+                    bad(key, f"label {str(v)!r} is also listed under {seen[str(v).strip()]}")
+                seen[str(v).strip()] = cls
+        first = classes[0]
+        if (fmt == "pairs" or labels) and first not in labels:
+            bad(f"{at}.labels.{first}", f"needed by format {fmt}: the label value(s) that make a "
+                                        f"{'pair a positive' if fmt == 'pairs' else 'hypothesis an entailment'}"
+                                        + (" (e.g. [\"1\"]; check which value the dataset uses)" if fmt == "pairs" else ""))
+    h = s.holdout
+    if isinstance(h, schema.HoldoutSpec):
+        need(f"{at}.holdout.fraction", h.fraction, lambda v: 0 <= v < 1, "expected a fraction in [0, 1)")
+        if h.side == "bench" and h.fraction == 0:
+            bad(f"{at}.holdout.side", "side bench reads the held-out units, but holdout.fraction is 0 (no split); "
+                                      "set a fraction > 0")
+    m = s.mine
+    if isinstance(m, schema.MineSpec):
+        need(f"{at}.mine.negatives", m.negatives, lambda v: v >= 0, "expected 0 (no mining) or more negatives")
+        need(f"{at}.mine.ranks", m.ranks, lambda v: len(v) == 2 and 1 <= v[0] <= v[1],
+             "expected [first, last] with 1 <= first <= last, e.g. [3, 50]")
+        need(f"{at}.mine.margin", m.margin, lambda v: 0 < v <= 1, "expected a relative margin in (0, 1], e.g. 0.95")
+        need(f"{at}.mine.margin_abs", m.margin_abs, lambda v: v >= 0,
+             "expected a non-negative score difference (or null to use mine.margin)")
+        need(f"{at}.mine.batch_size", m.batch_size, lambda v: v > 0, "expected a positive batch size")
 
 
 def _check_deepspeed(spec: schema.Spec, bad: Callable[[str, str], None], broken: _Broken, world: int) -> None:
@@ -360,7 +449,7 @@ def check_devices(spec: schema.Spec, errors: Errors, warnings: list[str], origin
             errors.append(("train.precision", f"{lab('train.precision')}fp16 needs a CUDA GPU and training runs on "
                                               f"CPU here{auto}; use fp32 or bf16 on CPU"))
         elif t.precision == "bf16":
-            warnings.append(f"train.precision: bf16 on CPU{auto}: DeepSpeed runs bf16 mixed precision on the CPU; "
+            warnings.append(f"train.precision: bf16 on CPU{auto}: bf16 autocast runs on the CPU; "
                             "it works, but is usually slower than fp32 there and its numbers differ from a GPU run")
         cpus = os.cpu_count() or 1
         if nproc > cpus:

@@ -6,11 +6,23 @@ Layout under <run_dir>/checkpoints/:
                           (step, world size, spec hash, examples and tokens drawn per source)
     latest.json           {"tag": "step-00000004"}: the newest complete checkpoint
     .partial/             a checkpoint being written
+    .trash/               checkpoints being deleted (renamed here first, so none is ever half-deleted in place)
 
 A checkpoint is written into .partial/ and renamed into place only when every rank has finished its part;
-latest.json is replaced atomically after that. A write interrupted at any point leaves latest.json naming
-the previous complete checkpoint. The data order is a pure function of (seed, step), so the step is the
-sampler's whole position.
+latest.json is replaced atomically after that. latest.json is the only record of which checkpoint a run
+resumes from: a step-* directory it does not name is not trusted. A write, publish or prune interrupted at
+any point leaves latest.json naming a complete checkpoint (the previous one or the new one; none before
+the first):
+    - killed while writing .partial/: latest.json still names the previous checkpoint; the next save
+      deletes .partial/ first;
+    - killed after renaming step-N into place but before replacing latest.json: step-N is stale (latest.json
+      names an older step), the resumed run repeats the steps up to N and publishes step-N again, which
+      replaces the stale directory (`_publish`);
+    - killed while pruning: directories are deleted by renaming them into .trash/ first, so each is either
+      complete under its step-* name or gone from the step-* names; what a crash leaves in .trash/ goes at
+      the next prune.
+Nothing ever deletes the checkpoint latest.json names. The data order is a pure function of (seed, step),
+so the step is the sampler's whole position.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,6 +41,8 @@ import torch.distributed as dist
 
 LATEST = "latest.json"
 PARTIAL = ".partial"
+TRASH = ".trash"
+TAG = re.compile(r"step-(\d+)")
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -76,24 +91,67 @@ def save(engine, run_dir: Path, step: int, *, rank: int, world: int, spec_hash: 
 
 
 def _publish(root: Path, written: Path, tag: str) -> None:
-    written.rename(root / tag)
+    target = root / tag
+    if target.exists():
+        # A step-N left by a run killed between the rename below and the replacement of latest.json: that
+        # run's resume repeats the steps after the checkpoint latest.json names and arrives here again, and
+        # a plain rename onto the non-empty step-N would fail ("Directory not empty") at every later try.
+        if _latest_tag(root) == tag:
+            # Never reached by the trainer (a resumed run only publishes steps after the one it resumed
+            # from), and the one directory that must never be deleted.
+            raise FileExistsError(f"{target} is the checkpoint {root / LATEST} names; not replacing it")
+        _discard(root, [tag])  # a crash from here to the rename leaves step-N absent: latest.json is unchanged
+    written.rename(target)
     tmp = root / f".{LATEST}.tmp"
     tmp.write_text(json.dumps({"tag": tag}))
     os.replace(tmp, root / LATEST)
 
 
+def _latest_tag(root: Path) -> str | None:
+    try:
+        return json.loads((root / LATEST).read_text())["tag"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _step_of(name: str) -> int | None:
+    m = TAG.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
 def _prune(root: Path, keep: int) -> None:
-    tags = sorted(p.name for p in root.glob("step-*") if p.is_dir())
-    for old in tags[:-keep]:
-        shutil.rmtree(root / old, ignore_errors=True)
+    """Keep the `keep` newest checkpoints up to the one latest.json names (always that one); delete the
+    older ones and any newer than it. A newer one is stale: written by an earlier attempt that was killed
+    before naming it in latest.json (with a changed train.save_every the resumed run may never publish that
+    step again). Counting it among the newest would push out the checkpoint latest.json names."""
+    current = _latest_tag(root)
+    current_step = _step_of(current) if current else None
+    if current_step is None or not (root / current).is_dir():
+        return  # nothing known to be complete: delete nothing
+    steps = sorted((s, p.name) for p in root.iterdir() if p.is_dir() and (s := _step_of(p.name)) is not None)
+    older = [name for s, name in steps if s <= current_step]
+    stale = [name for s, name in steps if s > current_step]
+    doomed = [name for name in older[:-keep] if name != current] + stale
+    _discard(root, doomed)
+
+
+def _discard(root: Path, names: list[str]) -> None:
+    """Delete checkpoint directories so that a crash at any point leaves each one either complete under its
+    name or gone from the step-* names (an rmtree in place, interrupted, leaves a torn step-N): each is first
+    renamed into .trash/ (atomic), then .trash/ is deleted, with whatever an earlier crash left there."""
+    trash = root / TRASH
+    shutil.rmtree(trash, ignore_errors=True)
+    trash.mkdir(exist_ok=True)
+    for name in names:
+        (root / name).rename(trash / name)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def latest(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
     root = checkpoint_dir(run_dir)
-    try:
-        tag = json.loads((root / LATEST).read_text())["tag"]
-    except (OSError, ValueError, KeyError):
+    tag = _latest_tag(root)
+    if tag is None:
         return None
     return root / tag if (root / tag / "koe5.json").exists() else None
 

@@ -25,6 +25,7 @@ class StepConfig:
     cache: bool = True
     chunk_size: int = 32
     chunk_tokens: Optional[int] = None
+    bf16: bool = False  # forwards under bf16 autocast; weights and gradients stay float32
 
 
 def train_step(engine, queries: dict, documents: dict, doc_ids: torch.Tensor, cfg: StepConfig,
@@ -33,23 +34,33 @@ def train_step(engine, queries: dict, documents: dict, doc_ids: torch.Tensor, cf
     __call__, backward and step); the batches are tokenized and already on `device`."""
     loss_kwargs = dict(name=cfg.loss_name, temperature=cfg.temperature, mask_duplicates=cfg.mask_duplicates,
                        cross_device=cfg.cross_device)
+    model = _autocast(engine, device) if cfg.bf16 else engine
     if cfg.cache:
         q_chunks = pad_chunk_count(make_chunks(queries, cfg.chunk_size, cfg.chunk_tokens), device)
         d_chunks = pad_chunk_count(make_chunks(documents, cfg.chunk_size, cfg.chunk_tokens), device)
-        q_emb, q_states = embed_without_grad(engine, queries, q_chunks, device)
-        d_emb, d_states = embed_without_grad(engine, documents, d_chunks, device)
+        q_emb, q_states = embed_without_grad(model, queries, q_chunks, device)
+        d_emb, d_states = embed_without_grad(model, documents, d_chunks, device)
         result = contrastive_loss(q_emb, d_emb, doc_ids, **loss_kwargs)
         _check_finite(result)
-        replay(engine, queries, q_chunks, q_states, result.grad_q, engine.backward)
-        replay(engine, documents, d_chunks, d_states, result.grad_d, engine.backward)
+        replay(model, queries, q_chunks, q_states, result.grad_q, engine.backward)
+        replay(model, documents, d_chunks, d_states, result.grad_d, engine.backward)
     else:
-        q_emb = engine(**queries)
-        d_emb = engine(**documents)
+        q_emb = model(**queries)
+        d_emb = model(**documents)
         result = contrastive_loss(q_emb, d_emb, doc_ids, **loss_kwargs)
         _check_finite(result)
         engine.backward((q_emb * result.grad_q).sum() + (d_emb * result.grad_d).sum())
     engine.step()
     return result
+
+
+def _autocast(engine, device: torch.device):
+    """`engine` with every forward under bf16 autocast: the matmuls run in bf16, the float32 weights get
+    float32 gradients, and the no-grad pass and the replay see the same precision."""
+    def forward(**batch):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return engine(**batch)
+    return forward
 
 
 def _check_finite(result: LossResult) -> None:

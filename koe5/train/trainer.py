@@ -25,7 +25,7 @@ import torch
 from koe5.data.batches import rank_slice
 from koe5.data.dataset import load_training_data
 from koe5.export import export_model, model_card
-from koe5.model import EmbeddingModel, load_backbone, resolve_model_path
+from koe5.model import EmbeddingModel, load_backbone, model_max_length, resolve_model_path
 from koe5.spec.deepspeed import deepspeed_config, trainer_clips
 from koe5.spec.schema import Spec
 from koe5.train import checkpoint
@@ -104,17 +104,34 @@ def attach_grad_norm(optimizer, model, max_norm: float | None) -> list:
     return latest
 
 
+def build_model(spec: Spec, model_path: str) -> tuple[EmbeddingModel, torch.nn.Module, object]:
+    """(model, backbone, tokenizer), ready to train. `from_pretrained` returns a module in eval mode, in
+    which dropout is the identity and Hugging Face's gradient checkpointing is skipped: the model must be
+    put in training mode explicitly, or `model.dropout` and `train.gradient_checkpointing` do nothing."""
+    backbone, tokenizer = load_backbone(model_path, spec.model.dropout)
+    if spec.train.gradient_checkpointing:
+        # transformers 5 renamed the switch (the old name warns, and goes in v6).
+        if hasattr(backbone, "activation_checkpointing_enable"):
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.train.freeze_embeddings:
+        backbone.get_input_embeddings().weight.requires_grad_(False)
+    model = EmbeddingModel(backbone, spec.model.pooling, spec.model.normalize)
+    model.train()
+    return model, backbone, tokenizer
+
+
 def build_engine(spec: Spec, model_path: str, world: int, total_steps: int):
     """(DeepSpeed engine, backbone, tokenizer, grad-norm holder): the model, AdamW, the warmup/decay
     schedule and the derived DeepSpeed config. Benchmarks build their engine here too, so they time the
     code that koe5-run trains with."""
     import deepspeed
 
-    backbone, tokenizer = load_backbone(model_path, spec.model.dropout)
-    if spec.train.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = EmbeddingModel(backbone, spec.model.pooling, spec.model.normalize)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay,
+    model, backbone, tokenizer = build_model(spec, model_path)
+    # Only what trains: a frozen parameter (train.freeze_embeddings) must hold no optimizer state.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=spec.train.lr, weight_decay=spec.train.weight_decay,
                                   eps=spec.train.adam_eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, spec.train.warmup_ratio, spec.train.scheduler))
@@ -128,7 +145,7 @@ def step_config(spec: Spec) -> StepConfig:
     return StepConfig(loss_name=spec.loss.name, temperature=spec.loss.temperature,
                       mask_duplicates=spec.loss.mask_duplicates, cross_device=spec.loss.cross_device_negatives,
                       cache=spec.cache.enabled, chunk_size=spec.cache.chunk_size,
-                      chunk_tokens=spec.cache.chunk_tokens)
+                      chunk_tokens=spec.cache.chunk_tokens, bf16=spec.train.precision == "bf16")
 
 
 def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dict:
@@ -220,7 +237,10 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
                           data_mix=data_mix)
         export_model(backbone, tokenizer, run_dir / "model", pooling=spec.model.pooling,
                      normalize=spec.model.normalize, query_prefix=spec.model.query_prefix,
-                     passage_prefix=spec.model.passage_prefix, max_seq_length=spec.model.passage_max_len,
+                     passage_prefix=spec.model.passage_prefix,
+                     # The model's own limit, not the training truncation (model.passage_max_len): a user
+                     # who loads the export must not have long documents cut at a training-speed choice.
+                     max_seq_length=model_max_length(backbone.config, tokenizer),
                      state_dict=state, card=card)
     summary = {"steps": total_steps, "seconds": time.perf_counter() - start, "world_size": world,
                "final_loss": None if result is None else result.loss}

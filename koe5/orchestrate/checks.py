@@ -1,0 +1,48 @@
+"""What must hold before a run is recorded, so a bad input stops `koe5-run` in seconds with one line naming
+the file:line or key, not hours later with a traceback: every training source reads and tokenizes, the
+training text does not leak into the benchmarks (data.leakage), and the evaluation lengths fit the model."""
+
+from __future__ import annotations
+
+import sys
+
+
+def check_data(spec) -> dict:
+    """Read and tokenize every training source once, into the cache the ranks then map (a bad line stops
+    the run here, naming file:line), and compare the training text with the evaluation queries
+    (data.leakage). Returns what the run records under data_mix._checks; raises ValueError."""
+    from koe5.data.dataset import load_training_data, source_name
+    from koe5.data.leakage import find_leaks
+    from koe5.eval.benchmark import load_benchmark
+
+    data = load_training_data(spec)
+    leaks = find_leaks(data, [load_benchmark(b.path, name=b.name) for b in spec.eval.benchmarks])
+    total = sum(r["normalized"] for r in leaks.values())
+    if total and spec.data.leakage != "ignore":
+        detail = "; ".join(f"{name}: {r['normalized']} queries (e.g. {r['examples'][0]!r})"
+                           for name, r in leaks.items() if r["normalized"])
+        message = f"{total} evaluation queries also appear in the training data ({detail})"
+        if spec.data.leakage == "error":
+            raise ValueError(message + ". Remove them from the training data, or set data.leakage=warn.")
+        print(f"koe5-run: warning: {message}; their metrics are inflated", file=sys.stderr)
+    if data.skipped:
+        print(f"koe5-run: warning: skipped bad training lines (data.on_error=skip): {data.skipped}", file=sys.stderr)
+    return {"examples": dict(zip([source_name(s) for s in spec.data.sources], data.sizes)), "leakage": leaks,
+            "skipped_lines": data.skipped}
+
+
+def check_eval_lengths(spec) -> None:
+    """eval.query_max_len / eval.passage_max_len, when set, must fit the model's own maximum: otherwise the
+    evaluation after training would fail inside the model. The schema only knows they are positive; the
+    model's limit needs its config and tokenizer (no weights). Raises LengthError (a ValueError)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from koe5.eval.model_eval import EncodeSettings, resolve_lengths
+    from koe5.model import model_max_length, resolve_model_path
+
+    e = spec.eval
+    if not e.benchmarks or (e.query_max_len is None and e.passage_max_len is None):
+        return
+    path = resolve_model_path(spec.model.name_or_path)
+    limit = model_max_length(AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path))
+    resolve_lengths(EncodeSettings("", "", e.query_max_len, e.passage_max_len), limit)
