@@ -91,6 +91,12 @@ def test_exported_model_loads_in_sentence_transformers(quickstart):
     np.testing.assert_allclose(theirs, ours, atol=1e-5)
     card = (Path(model_dir) / "README.md").read_text(encoding="utf-8")
     assert "ndcg@10" in card and "builtin:tiny-ko-bert" in card  # the card carries results and base model
+    # The model's own limit (the demo BERT's 512 positions), not the quickstart's training truncation of
+    # 128: a user of the export must not have long documents cut at a training-speed choice.
+    assert st.max_seq_length == 512
+    long_text = "서울 지하철 " * 200
+    np.testing.assert_allclose(st.encode([long_text], prompt_name="query", convert_to_numpy=True),
+                               load_encoder(model_dir).encode([long_text], "query: ", 512), atol=1e-5)
 
 
 def test_rerunning_a_finished_spec_does_not_train_again(quickstart):

@@ -117,8 +117,12 @@ FORMAT_KEYS = {"min_score": {"format": "scored_pairs", "min_score": 0.5},
                "fields.group": {"format": "paraphrase", "fields": {"group": "g"}},
                "labels": {"format": "pairs", "labels": {"positive": ["1"]}},
                "columns": {"file_type": "csv", "columns": ["q", "d"]},
-               "holdout.side": {"holdout": {"fraction": 0.5, "side": "bench"}}}
-SOURCE_VALUES = {"format": "squad", "encoding": "cp949", "file_type": "jsonl", "holdout.fraction": 0.5}
+               "holdout.side": {"holdout": {"fraction": 0.5, "side": "bench"}},
+               # one item of a list: an override replaces the list whole
+               "mine.ranks[0]": {"mine": {"ranks": [2, 50]}}, "mine.ranks[1]": {"mine": {"ranks": [3, 20]}}}
+SOURCE_VALUES = {"format": "squad", "encoding": "cp949", "file_type": "jsonl", "holdout.fraction": 0.5,
+                 "mine.margin_abs": 0.05,
+                 "mine.model": "other-model"}
 
 
 def mutation(path: str, value, data: dict) -> str | None:
