@@ -112,6 +112,15 @@ def test_mined_negatives_match_a_brute_force_ranking_and_follow_own_negatives(tm
         assert notes["mine: candidates rejected as a positive or the query itself (normalized text)"] > 0
 
 
+def test_mining_counts_reach_data_stats_and_the_runs_data_checks(tmp_path):
+    from koe5.data.commands import data_stats
+    from koe5.orchestrate.checks import check_data
+
+    spec = spec_for(tmp_path, n=30)
+    for left_out in (data_stats(spec)["sources"]["pairs"]["left_out"], check_data(spec)["left_out"]["pairs"]):
+        assert left_out["mine: rows given mined negatives"] > 0
+
+
 def test_changing_a_mining_setting_rebuilds_the_cache(tmp_path):
     a = load_training_data(spec_for(tmp_path, n=30)).sources[0].directory
     b = load_training_data(spec_for(tmp_path, "data.sources[0].mine.margin=0.99", n=30)).sources[0].directory

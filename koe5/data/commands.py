@@ -23,6 +23,8 @@ def data_stats(spec) -> dict:
         d = np.asarray(t.docs_len)[t.positives_of_rows()]  # each row's first positive
         out["sources"][name] = {
             "examples": t.n_rows, "weight": src.weight, "skipped_lines": t.skipped,
+            # Rows the format or holdout left out, and what negative mining kept and rejected, by reason.
+            "left_out": t.meta.get("left_out", {}),
             "positives_per_row": float(np.mean(t.rows_npos)),
             "hard_negatives_per_row": float(np.mean(np.diff(t.rows_docs) - t.rows_npos)),
             "query_tokens": _percentiles(q), "document_tokens": _percentiles(d),

@@ -27,8 +27,10 @@ def check_data(spec) -> dict:
         print(f"koe5-run: warning: {message}; their metrics are inflated", file=sys.stderr)
     if data.skipped:
         print(f"koe5-run: warning: skipped bad training lines (data.on_error=skip): {data.skipped}", file=sys.stderr)
-    return {"examples": dict(zip([source_name(s) for s in spec.data.sources], data.sizes)), "leakage": leaks,
-            "skipped_lines": data.skipped}
+    names = [source_name(s) for s in spec.data.sources]
+    return {"examples": dict(zip(names, data.sizes)), "leakage": leaks, "skipped_lines": data.skipped,
+            # rows each format or holdout left out, and what negative mining kept and rejected, by reason
+            "left_out": {name: t.meta.get("left_out", {}) for name, t in zip(names, data.sources)}}
 
 
 def check_eval_lengths(spec) -> None:
