@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Modules that contribute subcommands, in the order they appear in `koe5 --help`.
@@ -39,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Every subcommand sets `func`; it returns an exit status and reports its own errors without tracebacks.
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # The reader went away (`koe5 ls | head`): what it wanted was printed. Point stdout at devnull so
+        # that Python's flush at exit does not fail again, as the Python docs on SIGPIPE advise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved spec, its hash and the command")
     parser.add_argument("--json", action="store_true", help="with --dry-run: one JSON object (a list for sweeps)")
     parser.add_argument("--force", action="store_true", help="run even if this spec hash already finished")
-    parser.add_argument("--from-run", metavar="RUN", help="re-run the resolved spec stored with RUN")
-    parser.add_argument("--resume", metavar="RUN", help="continue an interrupted RUN from its newest checkpoint")
+    parser.add_argument("--from-run", metavar="RUN", help="re-run the resolved spec stored with RUN (an id, a unique id prefix or suffix, a run name or latest)")
+    parser.add_argument("--resume", metavar="RUN", help="continue an interrupted RUN (named as for --from-run) from its newest checkpoint")
     parser.add_argument("--emit", choices=["slurm", "deepspeed", "torchrun"],
                         help="freeze the spec and print the job script (slurm) or launch command a cluster "
                              "user submits; runs nothing here")

@@ -73,10 +73,12 @@ def test_the_bench_side_loads_as_a_beir_benchmark_with_the_right_qrels(spec):
     assert meta["queries"] == len(bench.query_ids) and meta["corpus"] == len(bench.corpus_ids)
     assert meta["units"] == len(bench_titles) and meta["other_side"]["units"] == len({t.unit for t in train})
     assert 0 < meta["units"] < 12
-    # deterministic: the same source and split write the same bytes
-    build_bench(source, spec.dir / "again")
+    # deterministic: the same source and split write the same bytes (into a folder of the same name, which
+    # is the benchmark's own name in meta.json)
+    assert meta["name"] == "bench" and bench.name == "bench"
+    build_bench(source, spec.dir / "again" / "bench")
     for name in ("queries.jsonl", "corpus.jsonl", "qrels/test.tsv", "meta.json"):
-        assert (out / name).read_bytes() == (spec.dir / "again" / name).read_bytes()
+        assert (out / name).read_bytes() == (spec.dir / "again" / "bench" / name).read_bytes()
 
 
 def test_the_command_writes_the_benchmark_and_refuses_sentence_pairs_and_unsplit_sources(spec, capsys):

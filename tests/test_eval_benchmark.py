@@ -86,6 +86,20 @@ def test_beir_layout_loads_with_mteb_passage_text(tmp_path):
     assert bench.qrels["q3"] == {"d3": 2, "d6": 1}
 
 
+def test_a_benchmark_directory_names_itself(tmp_path):
+    """`koe5 eval --benchmark DIR` reports under the name the benchmark gives itself, the column a spec's
+    `eval.benchmarks[].name` fills; the shipped sample is `ko-sample`, not its folder's name `bench`."""
+    assert load_benchmark(SAMPLE).name == "ko-sample"
+    root = write_beir(tmp_path / "folder")
+    assert load_benchmark(str(root)).name == "folder"
+    (root / "meta.json").write_text('{"name": "korquad-dev"}', encoding="utf-8")
+    assert load_benchmark(str(root)).name == "korquad-dev"
+    assert load_benchmark(str(root), name="given").name == "given"
+    (root / "meta.json").write_text("[1, 2", encoding="utf-8")
+    with pytest.raises(BenchmarkError, match="meta.json"):
+        load_benchmark(str(root))
+
+
 def test_fingerprint_tracks_content_not_layout(tmp_path):
     binary = [(q, t, {d: min(g, 1) for d, g in rel.items()}) for q, t, rel in QUERIES]
     beir = load_benchmark(str(write_beir(tmp_path / "b", queries=binary)))

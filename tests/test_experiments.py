@@ -37,8 +37,8 @@ def test_koe5_large_is_the_original_recipe(tmp_path):
     assert [b["name"] for b in spec["eval"]["benchmarks"]] == ["ko-strategyqa", "autorag", "publichealthqa"]
 
 
-def test_me5_small_ko_takes_the_model_from_the_environment_and_the_data_from_beside_the_repo(tmp_path):
-    proc = dry_run(ROOT / "experiments" / "me5-small-ko.yaml", tmp_path, KOE5_ME5_SMALL=str(tmp_path / "me5"))
+def test_me5_small_strategyqa_takes_the_model_from_the_environment_and_the_data_from_beside_the_repo(tmp_path):
+    proc = dry_run(ROOT / "experiments" / "me5-small-strategyqa.yaml", tmp_path, KOE5_ME5_SMALL=str(tmp_path / "me5"))
     spec = json.loads(proc.stdout)["spec"]
     assert spec["model"]["name_or_path"] == str(tmp_path / "me5")
     # Relative paths resolve from the spec file, so ../../shared is the checkout's sibling `shared/`.
@@ -47,3 +47,24 @@ def test_me5_small_ko_takes_the_model_from_the_environment_and_the_data_from_bes
                                                                  ROOT / "koe5" / "assets" / "ko_sample" / "train.jsonl"]
     assert [Path(b["path"]) for b in spec["eval"]["benchmarks"]] == [shared / "dev",
                                                                      ROOT / "koe5" / "assets" / "ko_sample" / "bench"]
+
+
+def test_me5_small_ko_reads_the_published_korean_folders_and_holds_out_its_dev_benchmarks(tmp_path):
+    """Issue 20's recipe: at least four ko_public folders read in their published formats, the two holdout
+    sources on their training side, evaluated on the other side (built by `koe5 data bench`) and the base."""
+    proc = dry_run(ROOT / "experiments" / "me5-small-ko.yaml", tmp_path, KOE5_KO_PUBLIC=str(tmp_path / "ko"),
+                   KOE5_DEVBENCH=str(tmp_path / "bench"))
+    assert proc.returncode == 0, proc.stderr
+    spec = json.loads(proc.stdout)["spec"]
+    sources = {s["name"]: s for s in spec["data"]["sources"]}
+    folders = {Path(s["path"]).parent.name for s in sources.values() if Path(s["path"]).is_relative_to(tmp_path / "ko")}
+    assert len(folders) >= 4, folders
+    assert sources["korquad"]["format"] == "squad" and sources["klue-nli"]["encoding"] == "cp949"
+    assert sources["question-pair"]["labels"] == {"positive": ["0"], "negative": ["1"]}
+    for name in ("korquad", "msmarco-ko"):
+        assert sources[name]["holdout"]["side"] == "train" and sources[name]["holdout"]["fraction"] > 0
+    assert sources["msmarco-ko"]["mine"]["negatives"] > 0
+    benches = {b["name"]: Path(b["path"]) for b in spec["eval"]["benchmarks"]}
+    assert benches["korquad-dev"] == tmp_path / "bench" / "korquad-dev"
+    assert benches["msmarco-ko-dev"] == tmp_path / "bench" / "msmarco-ko-dev"
+    assert spec["eval"]["baseline"] is True

@@ -47,6 +47,15 @@ def test_quickstart_trains_evaluates_and_records(quickstart):
     assert metrics[("ko-sample", "ndcg", 10)] > base[("ko-sample", "ndcg", 10)] + 0.03
     kinds = {a["kind"] for a in trained["artifacts"]}
     assert {"model", "per_query", "run_dir"} <= kinds
+    # It prints one table, base against trained with the change, x100 as its header says.
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("metric (x100)") for line in lines) == 1
+    for key in (("ndcg", 1), ("f1", 3), ("ndcg", 10)):
+        row = next(line for line in lines if line.startswith(f"{key[0]}@{key[1]} "))
+        old, new, change = map(float, row.split()[1:4])
+        assert old == pytest.approx(100 * base[("ko-sample", *key)], abs=0.006)
+        assert new == pytest.approx(100 * metrics[("ko-sample", *key)], abs=0.006)
+        assert change == pytest.approx(new - old, abs=0.011)
 
 
 def test_the_run_records_the_examples_and_tokens_drawn(quickstart):
@@ -103,7 +112,11 @@ def test_rerunning_a_finished_spec_does_not_train_again(quickstart):
     tmp, registry, _ = quickstart
     proc = koe5_run(str(QUICKSTART), "train.max_steps=30", f"output_dir={tmp / 'runs'}", registry=registry)
     assert proc.returncode == 0
-    assert "already has a finished run" in proc.stdout
+    # ... and names the trained run, not the baseline recorded beside it
+    from koe5.registry import Registry
+
+    trained = next(r for r in Registry(registry).list_runs() if r["kind"] == "train")
+    assert f"already has a finished run, {trained['run_id']}" in proc.stdout
 
 
 def test_bad_override_exits_2_naming_the_key(tmp_path):

@@ -80,11 +80,33 @@ def test_prefix_lookup(reg):
     common = os.path.commonprefix([a, b])
     with pytest.raises(RegistryError, match="ambiguous"):
         reg.get_run(common)
-    with pytest.raises(RegistryError, match="No run id starts with"):
+    with pytest.raises(RegistryError, match="No run id starts or ends with"):
         reg.get_run("19990101")
     # LIKE wildcards in a prefix are literal characters, not patterns.
-    with pytest.raises(RegistryError, match="No run id starts with"):
+    with pytest.raises(RegistryError, match="No run id starts or ends with"):
         reg.get_run("%")
+
+
+def test_a_run_is_named_by_id_name_suffix_or_latest(reg):
+    first = reg.create_run("quickstart", "h", "")
+    base = reg.create_run("quickstart@init", "h", "", kind="baseline")
+    second = reg.create_run("quickstart", "h", "")
+    later_base = reg.create_run("other@init", "h2", "", kind="baseline")
+    assert reg.get_run("quickstart")["run_id"] == second  # a name: its newest run
+    assert reg.get_run("quickstart@init")["run_id"] == base
+    # `latest` is the newest training run, even when a baseline was recorded after it.
+    assert reg.get_run("latest")["run_id"] == second != later_base
+    # The random part the run id ends with, as `koe5-run` prints it.
+    assert reg.get_run(first.rsplit("-", 1)[1])["run_id"] == first
+    assert reg.get_run(first)["run_id"] == first
+    with pytest.raises(RegistryError, match="ambiguous"):
+        reg.get_run("")  # every id starts with the empty string
+
+
+def test_latest_without_training_runs_is_the_newest_run(tmp_path):
+    reg = Registry(tmp_path / "r.duckdb")
+    base = reg.create_run("m@init", "h", "", kind="baseline")
+    assert reg.get_run("latest")["run_id"] == base
 
 
 def test_reading_a_missing_registry(tmp_path):
@@ -180,7 +202,7 @@ def test_find_runs(reg):
     b = reg.create_run("b", "same", "")
     reg.create_run("c", "other", "")
     reg.set_status(b, "finished")
-    assert [r["run_id"] for r in reg.find_runs("same")] == sorted([a, b])
+    assert [r["run_id"] for r in reg.find_runs("same")] == [a, b]  # oldest created first
     assert [r["run_id"] for r in reg.find_runs("same", status="finished")] == [b]
 
 

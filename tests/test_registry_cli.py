@@ -60,6 +60,24 @@ def test_ls_filters_and_sort(demo, capsys):
     assert rc == 0 and "e5-small-ko-ft" in out
 
 
+def test_tables_print_metrics_x100_and_say_so(demo, capsys):
+    """One scale everywhere a person reads: x100, as koe5-run, koe5 eval and the leaderboard print; --json
+    keeps the registry's fractions."""
+    path, ids = demo
+    r = str(path)
+    mean = next(x for x in cli_json(capsys, "ls", "--registry", r) if x["run_id"] == ids["trained"])["headline_mean"]
+    rc, out, _ = run_cli(capsys, "ls", "--registry", r)
+    assert "ndcg@10 mean (x100)" in out.splitlines()[0]
+    assert f"{100 * mean:.2f}" in next(line for line in out.splitlines() if line.startswith(ids["trained"]))
+    rc, out, _ = run_cli(capsys, "compare", ids["baseline"], ids["trained"], "--registry", r)
+    assert "metric (x100)" in out.splitlines()[0]
+    value = next(m["value"] for m in Registry(path).get_run(ids["trained"])["metrics"]
+                 if (m["metric"], m["k"]) == ("ndcg", 10))
+    assert f"{100 * value:.2f}" in out
+    rc, out, _ = run_cli(capsys, "show", ids["trained"], "--registry", r)
+    assert "value (x100)" in out and out.index("metrics:") < out.index("spec:")
+
+
 def test_show(demo, capsys):
     path, ids = demo
     run = cli_json(capsys, "show", ids["trained"][:18], "--registry", str(path))
@@ -73,9 +91,19 @@ def test_show(demo, capsys):
 def test_unknown_or_ambiguous_prefix(demo, capsys):
     path, ids = demo
     rc, _, err = run_cli(capsys, "show", "1999", "--registry", str(path))
-    assert rc == 2 and "No run id starts with" in err
+    assert rc == 2 and "No run id starts or ends with" in err
     rc, _, err = run_cli(capsys, "show", "20", "--registry", str(path))
     assert rc == 2 and "ambiguous" in err
+
+
+def test_show_by_name_suffix_and_latest(demo, capsys):
+    path, ids = demo
+    run = cli_json(capsys, "show", "e5-small-ko-ft", "--registry", str(path))
+    assert run["run_id"] == ids["trained"]
+    assert cli_json(capsys, "show", ids["trained"][-6:], "--registry", str(path))["run_id"] == ids["trained"]
+    # `ls` lists newest first, by creation time (ids made within one second do not sort by time).
+    newest_train = next(r["run_id"] for r in cli_json(capsys, "ls", "--registry", str(path)) if r["kind"] == "train")
+    assert cli_json(capsys, "show", "latest", "--registry", str(path))["run_id"] == newest_train
 
 
 def test_compare_deltas_and_per_query(demo, capsys, tmp_path):
@@ -118,6 +146,23 @@ def test_per_query_wins_against_hand_count(tmp_path, capsys):
         va, vb = frames["a", bench]["ndcg@3"].to_numpy(), frames["b", bench]["ndcg@3"].to_numpy()
         wins, losses, ties = wins + (vb > va).sum(), losses + (vb < va).sum(), ties + (vb == va).sum()
     assert out["per_query_vs_first"][b]["ndcg@3"] == {"wins": wins, "losses": losses, "ties": ties}
+
+
+def test_compare_orders_cutoffs_as_numbers_and_names_per_query_f1_as_the_table_does(tmp_path, capsys):
+    reg = Registry(tmp_path / "r.duckdb")
+    a, b = reg.create_run("a", "h", ""), reg.create_run("b", "h", "")
+    for run in (a, b):
+        reg.add_metrics(run, "bench", {(m, k): 0.5 for m in ("f1", "ndcg") for k in (1, 3, 10)})
+        df = pd.DataFrame({"qid": ["q1", "q2"], "f1q@1": [0.0, 1.0], "f1q@10": [0.5, 0.5], "f1q@3": [0.2, 0.3]})
+        df.to_parquet(tmp_path / f"{run}.parquet")
+        reg.add_artifact(run, "per_query", str(tmp_path / f"{run}.parquet"))
+    out = cli_json(capsys, "compare", a, b, "--registry", str(tmp_path / "r.duckdb"))
+    assert [r["metric"] for r in out["metrics"]] == ["f1@1", "f1@3", "f1@10", "ndcg@1", "ndcg@3", "ndcg@10"]
+    rc, text, _ = run_cli(capsys, "compare", a, b, "--registry", str(tmp_path / "r.duckdb"))
+    lines = [line.strip() for line in text.splitlines()]
+    assert [line.split(":")[0] for line in lines if "wins" in line] == [
+        "f1@1 (per query)", "f1@3 (per query)", "f1@10 (per query)"]
+    assert "f1q" not in text
 
 
 def test_diff(demo, capsys):
@@ -222,3 +267,25 @@ def test_env_registry_and_empty(tmp_path, capsys, monkeypatch):
     assert cli_json(capsys, "ls") == []
     rc, out, _ = run_cli(capsys, "ls")
     assert rc == 0 and "no runs" in out
+
+
+def test_ls_into_a_reader_that_stops_early_exits_cleanly(tmp_path):
+    """`koe5 ls | head`: the reader closes the pipe after a line. Enough runs that the listing overflows the
+    pipe's buffer, so koe5 really meets the closed pipe; it must not print a BrokenPipe error."""
+    import subprocess
+    import sys
+
+    import duckdb
+
+    path = tmp_path / "many.duckdb"
+    make_demo_registry(path)
+    con = duckdb.connect(str(path))
+    con.execute("INSERT INTO runs SELECT r.* REPLACE (r.run_id || '-' || CAST(t.i AS VARCHAR) AS run_id) "
+                "FROM runs AS r, range(400) AS t(i)")
+    con.close()
+    proc = subprocess.Popen([sys.executable, "-m", "koe5.cli", "ls", "--registry", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"run_id")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and "Broken pipe" not in err and "Traceback" not in err, err

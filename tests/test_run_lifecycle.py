@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
 
@@ -83,6 +85,22 @@ def test_invalid_spec_records_nothing(tmp_path):
     assert proc.returncode == 2
     assert "data.sources[0].path" in proc.stderr and "Traceback" not in proc.stderr
     assert not registry.exists()
+
+
+@pytest.mark.parametrize("model, says", [
+    ("/no/such/model", "/no/such/model is not a directory"),
+    ("no-such-org/no-such-model", "cannot load 'no-such-org/no-such-model'"),  # a hub id, offline
+    (".", "a directory needs config.json"),  # a directory, but not a model's
+])
+def test_a_model_that_does_not_load_is_one_line_naming_the_key(tmp_path, model, says):
+    registry = tmp_path / "koe5.duckdb"
+    proc = subprocess.run([sys.executable, "-m", "koe5.run", str(QUICKSTART), f"model.name_or_path={model}",
+                           f"output_dir={tmp_path / 'runs'}"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "KOE5_REGISTRY": str(registry), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "model.name_or_path" in proc.stderr and says in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not registry.exists() or ls(registry) == []
 
 
 def test_a_diverging_loss_stops_the_run_and_marks_it_failed(tmp_path):

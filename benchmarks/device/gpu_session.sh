@@ -72,7 +72,7 @@ for plan in "${plans[@]}"; do
   if [ "$budget" -lt 20 ]; then log "sweep deadline: skipping $plan"; continue; fi
   log "koe5-run: $plan"
   # shellcheck disable=SC2086  # the plan is a list of overrides
-  timeout -s TERM "$budget" python3 -m koe5.run experiments/me5-small-ko.yaml $plan "${extra[@]}"
+  timeout -s TERM "$budget" python3 -m koe5.run experiments/me5-small-strategyqa.yaml $plan "${extra[@]}"
   log "koe5-run exit $?"
 done
 python3 -m koe5.cli ls > "$OUT/runs.txt" 2>&1

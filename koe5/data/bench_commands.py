@@ -81,6 +81,8 @@ def build_bench(source, out: str | Path, side: str = "bench", on_error: str = "e
         f.write("query-id\tcorpus-id\tscore\n")
         f.writelines(f"{q}\t{d}\t{g}\n" for q, docs in qrels.items() for d, g in docs.items())
     meta = {
+        # The benchmark's own name (the output folder's), which `koe5 eval --benchmark DIR` reports it under.
+        "name": out.resolve().name,
         "source": name, "path": str(source.path), "format": source.format, "side": side,
         "holdout": {"fraction": h.fraction, "seed": h.seed}, "queries": len(queries), "corpus": len(corpus),
         "judgments": sum(len(d) for d in qrels.values()), "units": len({t.unit for t in ours}),

@@ -66,6 +66,22 @@ def content_fingerprint(
     return h.hexdigest()[:16]
 
 
+def _own_name(path: str) -> str:
+    """The name a benchmark directory gives itself (`name` in its meta.json, as `koe5 data bench` writes and
+    the shipped ko-sample has), so that `koe5 eval --benchmark DIR` reports under the same column as a spec
+    naming it; otherwise the directory's name."""
+    meta = os.path.join(path, "meta.json")
+    if os.path.isfile(meta):
+        try:
+            with open(meta, encoding="utf-8") as f:
+                own = json.load(f).get("name")
+        except (OSError, ValueError, AttributeError) as e:
+            raise BenchmarkError(f"benchmark {path}: meta.json is not a JSON object ({e}); fix or remove it.")
+        if isinstance(own, str) and own.strip():
+            return own.strip()
+    return os.path.basename(os.path.normpath(path))
+
+
 def load_benchmark(path_or_preset: str, name: str | None = None) -> Benchmark:
     """Load a BEIR or AutoRAG directory, or a preset name that has been fetched."""
     path = path_or_preset
@@ -109,7 +125,7 @@ def load_benchmark(path_or_preset: str, name: str | None = None) -> Benchmark:
     corpus_ids = list(corpus)
     query_ids = list(queries)
     return Benchmark(
-        name=name or os.path.basename(os.path.normpath(path)),
+        name=name or _own_name(path),
         corpus_ids=corpus_ids,
         corpus_texts=[corpus[d] for d in corpus_ids],
         query_ids=query_ids,

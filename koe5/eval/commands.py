@@ -171,7 +171,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_eval)
 
-    bench = subparsers.add_parser("bench", help="benchmark presets: list and download")
+    bench = subparsers.add_parser("bench", help="benchmark presets: fetch (download one), ls (list them)")
     bsub = bench.add_subparsers(dest="bench_command", metavar="ACTION")
     bsub.required = True
     f = bsub.add_parser("fetch", help="download a preset from the Hugging Face hub")

@@ -172,15 +172,45 @@ def record_baseline(registry, name: str, results: Sequence[EvalResult], descript
     return run_id
 
 
+EXCLUDED_NOTE = ("excluded: queries whose judgments list no relevant document; they are left out of every "
+                 "mean")
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            for row in rows]
+
+
+def format_comparison(base: dict[tuple[str, str, int], float], results: Sequence[EvalResult],
+                      ks: Sequence[int]) -> str:
+    """The one table koe5-run ends with: per benchmark the base model, the trained model and the change,
+    every metric x100. `base` is {(benchmark, metric, k): fraction}, as the registry holds the baseline run."""
+    top = ["metric (x100)"] + [x for r in results for x in (r.benchmark, "", "")]
+    header = [""] + ["base", "trained", "change"] * len(results)
+    rows = []
+    for k in ks:
+        for m in METRICS:
+            row = [f"{m}@{k}"]
+            for r in results:
+                new = 100 * r.metrics.aggregate[(m, k)]
+                old = base.get((r.benchmark, m, k))
+                row += ["-", f"{new:.2f}", "-"] if old is None else [f"{100 * old:.2f}", f"{new:.2f}",
+                                                                      f"{new - 100 * old:+.2f}"]
+            rows.append(row)
+    rows.append(["queries"] + [x for r in results for x in ("", str(r.metrics.n_queries), "")])
+    excluded = any(r.metrics.n_excluded for r in results)
+    if excluded:
+        rows.append(["excluded"] + [x for r in results for x in ("", str(r.metrics.n_excluded), "")])
+    return "\n".join(_aligned([top, header] + rows) + ([EXCLUDED_NOTE] if excluded else []))
+
+
 def format_table(results: Sequence[EvalResult], ks: Sequence[int]) -> str:
     """Metric rows x benchmark columns, values x100 with two decimals."""
-    header = ["metric"] + [r.benchmark for r in results]
+    header = ["metric (x100)"] + [r.benchmark for r in results]
     rows = [[f"{m}@{k}"] + [f"{100 * r.metrics.aggregate[(m, k)]:.2f}" for r in results] for k in ks for m in METRICS]
     rows.append(["queries"] + [str(r.metrics.n_queries) for r in results])
-    rows.append(["excluded"] + [str(r.metrics.n_excluded) for r in results])
-    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in [header] + rows]
-    notes = [f"note: {r.benchmark}: {r.metrics.n_excluded} queries without a relevant document are excluded "
-             "from the means" for r in results if r.metrics.n_excluded]
-    return "\n".join(lines + notes)
+    excluded = any(r.metrics.n_excluded for r in results)
+    if excluded:
+        rows.append(["excluded"] + [str(r.metrics.n_excluded) for r in results])
+    return "\n".join(_aligned([header] + rows) + ([EXCLUDED_NOTE] if excluded else []))

@@ -4,7 +4,35 @@ training text does not leak into the benchmarks (data.leakage), and the evaluati
 
 from __future__ import annotations
 
+import os
 import sys
+
+
+class ModelError(ValueError):
+    """model.name_or_path does not load; the message names the key and says what to do."""
+
+
+def check_model(spec) -> None:
+    """model.name_or_path must load (its config and tokenizer; not the weights) before anything else reads
+    it, so a typo or an offline hub id is one line naming the key, not a traceback from transformers."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from koe5.model import resolve_model_path
+
+    name = spec.model.name_or_path
+    if name.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise ModelError(f"model.name_or_path: {name} is not a directory. Build or copy the model there, or give "
+                         "a Hugging Face hub id (e.g. intfloat/multilingual-e5-small).")
+    path = resolve_model_path(name)
+    try:
+        AutoConfig.from_pretrained(path)
+        AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        what = ("a directory needs config.json and the tokenizer files" if os.path.isdir(path) else
+                "a hub id needs the network or a copy in the Hugging Face cache; offline, download it "
+                "elsewhere and give its directory")
+        raise ModelError(f"model.name_or_path: cannot load {name!r}: {reason} ({what}).") from None
 
 
 def check_data(spec) -> dict:

@@ -30,9 +30,12 @@ def _load(spec, model_path: str):
     return encoder, [load_benchmark(b.path, name=b.name) for b in spec.eval.benchmarks]
 
 
-def evaluate_trained(registry, run_id: str, model_path: str, spec, out_dir: Path) -> list:
-    """Evaluate `model_path` on every benchmark of the spec and record the metrics under `run_id`."""
-    from koe5.eval.model_eval import default_cache_dir, evaluate_model, format_table, record_evaluation
+def evaluate_trained(registry, run_id: str, model_path: str, spec, out_dir: Path,
+                     baseline_id: str | None = None) -> list:
+    """Evaluate `model_path` on every benchmark of the spec and record the metrics under `run_id`; print
+    them against the baseline run `baseline_id` (the base model) when there is one."""
+    from koe5.eval.model_eval import (default_cache_dir, evaluate_model, format_comparison, format_table,
+                                      record_evaluation)
 
     if not spec.eval.benchmarks:
         return []
@@ -42,7 +45,12 @@ def evaluate_trained(registry, run_id: str, model_path: str, spec, out_dir: Path
                                            cache_dir=default_cache_dir(), progress=True,
                                            nproc=spec.launch.nproc_per_node)
     record_evaluation(registry, run_id, results, description, str(out_dir), model_path)
-    print(format_table(results, spec.eval.k))
+    if baseline_id:
+        base = {(m["benchmark"], m["metric"], m["k"]): m["value"] for m in registry.get_run(baseline_id)["metrics"]}
+        print(f"\nthe trained model against the base model (baseline run {baseline_id}):")
+        print(format_comparison(base, results, spec.eval.k))
+    else:
+        print(format_table(results, spec.eval.k))
     return results
 
 
@@ -50,8 +58,8 @@ def evaluate_baseline(rs, registry, sweep_id: str | None, out_dir: Path) -> str:
     """Evaluate the untrained model and record it as a run of kind `baseline`, beside the trained one; an
     identical evaluation already recorded (same weights, benchmarks and settings: the same identity) is
     reused instead of being run again. Returns the baseline's run id."""
-    from koe5.eval.model_eval import (default_cache_dir, describe, evaluate_encoder, format_table, identity,
-                                      model_limit, record_baseline, resolve_lengths)
+    from koe5.eval.model_eval import (default_cache_dir, describe, evaluate_encoder, identity, model_limit,
+                                      record_baseline, resolve_lengths)
 
     spec = rs.spec
     model = spec.model.name_or_path
@@ -69,8 +77,10 @@ def evaluate_baseline(rs, registry, sweep_id: str | None, out_dir: Path) -> str:
     run_id = record_baseline(registry, f"{spec.name}@init", results, description, str(out_dir), model,
                              provenance(1, encoder.device.split(":")[0]), tags=[*spec.tags, "init"],
                              sweep_id=sweep_id)
-    print(format_table(results, spec.eval.k))
-    print(f"baseline {run_id}: recorded")
+    # Its full table comes after training, beside the trained model's; here only the headline.
+    k = max(spec.eval.k)
+    print(f"baseline {run_id}: recorded (ndcg@{k} x100: "
+          + ", ".join(f"{r.benchmark} {100 * r.metrics.aggregate[('ndcg', k)]:.2f}" for r in results) + ")")
     return run_id
 
 

@@ -17,7 +17,7 @@ from koe5.provenance import provenance
 
 def run_one(rs, registry, sweep_id: str | None, force: bool) -> int:
     """Train `rs` as a new run, or resume the interrupted run of the same spec, or do nothing if it finished."""
-    from koe5.orchestrate.checks import check_data, check_eval_lengths
+    from koe5.orchestrate.checks import check_data, check_eval_lengths, check_model
     from koe5.preflight import preflight
     from koe5.spec.deepspeed import deepspeed_config
     from koe5.spec.schema import world_size
@@ -40,9 +40,10 @@ def run_one(rs, registry, sweep_id: str | None, force: bool) -> int:
         print("koe5-run: cannot start here:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
+        check_model(spec)
         checks = check_data(spec)
         check_eval_lengths(spec)
-    except ValueError as e:  # DataError, BenchmarkError, LengthError: they name the file:line or key
+    except ValueError as e:  # ModelError, DataError, BenchmarkError, LengthError: they name the file:line or key
         print(f"koe5-run: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     world = world_size(spec)
@@ -105,8 +106,9 @@ def execute(rs, registry, run_id: str, run_dir: Path, *, baseline_sweep: str | N
     heartbeat = Heartbeat(registry, run_id, run_dir / "train_log.jsonl")
     with signals_raise_killed():
         try:
+            baseline_id = None
             if with_baseline and spec.eval.baseline and spec.eval.benchmarks:
-                evaluate_baseline(rs, registry, baseline_sweep, run_dir / "baseline")
+                baseline_id = evaluate_baseline(rs, registry, baseline_sweep, run_dir / "baseline")
             registry.set_status(run_id, "running")
             heartbeat.start()
             (run_dir / "error.txt").unlink(missing_ok=True)
@@ -122,7 +124,7 @@ def execute(rs, registry, run_id: str, run_dir: Path, *, baseline_sweep: str | N
                 return EXIT_FAILED
             model_dir = run_dir / "model"
             registry.add_artifact(run_id, "model", str(model_dir))
-            results = evaluate_trained(registry, run_id, str(model_dir), spec, run_dir / "eval")
+            results = evaluate_trained(registry, run_id, str(model_dir), spec, run_dir / "eval", baseline_id)
             if results:
                 update_model_card(model_dir, spec, rs.to_yaml(), run_dir, results)
             registry.set_status(run_id, "finished")

@@ -1,7 +1,8 @@
 """`koe5 ls | show | compare | diff | best | export | sql | rm`: query the run registry from the shell.
 
-Every command reads through short read-only connections (rm writes under the write lock), accepts a
-unique prefix of a run id, prints errors as one paragraph on stderr and returns exit status 2.
+Every command reads through short read-only connections (rm writes under the write lock), names a run by
+id, unique id prefix or suffix, run name or `latest` (store.RUN_REF_HELP), prints errors as one paragraph on
+stderr and returns exit status 2.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import duckdb
 import yaml
 
 from koe5.registry.connect import RegistryError
-from koe5.registry.store import STATUSES, Registry, parse_metric
+from koe5.registry.store import RUN_REF_HELP, STATUSES, Registry, parse_metric
 from koe5.spec.diff import ABSENT, diff_yaml
 
 # Statement kinds `koe5 sql` accepts (SHOW, DESCRIBE, SUMMARIZE and FROM-first queries parse as SELECT).
@@ -38,6 +39,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def x100(value: float | None, sign: str = "") -> str | None:
+    """A metric (a fraction in the registry and in --json) as the tables print it: x100, two decimals, the
+    scale koe5-run, koe5 eval and the leaderboard use too; every header says "(x100)"."""
+    return None if value is None else f"{100 * value:{sign}.2f}"
+
+
 def _cli_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn the errors a user can cause into one message on stderr and exit status 2."""
     @functools.wraps(func)
@@ -48,6 +55,8 @@ def _cli_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse
             print(f"koe5 {args.command}: {e}", file=sys.stderr)
         except duckdb.Error as e:
             print(f"koe5 {args.command}: the query failed: {e}", file=sys.stderr)
+        except BrokenPipeError:
+            raise  # the reader of stdout left (`koe5 ls | head`): koe5.cli.main ends quietly
         except OSError as e:
             print(f"koe5 {args.command}: {e}", file=sys.stderr)
         return 2
@@ -65,7 +74,20 @@ def metric_table(runs: list[dict]) -> dict[tuple[str, str], list[float | None]]:
         for m in run["metrics"]:
             key = (m["benchmark"], f"{m['metric']}@{m['k']}")
             table.setdefault(key, [None] * len(runs))[i] = m["value"]
-    return dict(sorted(table.items()))
+    return dict(sorted(table.items(), key=lambda item: (item[0][0], *metric_order(item[0][1]))))
+
+
+def metric_order(name: str) -> tuple[str, int]:
+    """Sort key of 'ndcg@10': by metric, then by cut-off as a number (f1@1, f1@3, f1@10, not f1@1, f1@10)."""
+    metric, _, k = name.partition("@")
+    return metric, int(k) if k.isdigit() else 0
+
+
+def per_query_label(column: str) -> str:
+    """How a per-query column reads next to the metric table: the per-query F1 (`f1q@k` in the files, the
+    harmonic mean of each query's own precision and recall) is F1@k computed per query."""
+    metric, _, k = column.partition("@")
+    return f"f1@{k} (per query)" if metric == "f1q" else column
 
 
 def load_per_query(path: str | Path):
@@ -130,9 +152,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     metric = runs[0]["headline_metric"]
     rows = [[r["run_id"], r["name"], r["kind"], r["status"], f"{r['created_at']:%Y-%m-%d %H:%M}",
-             ",".join(r["tags"] or []), r["headline_mean"],
-             " ".join(f"{b}={v:.4f}" for b, v in sorted(r["headline"].items()))] for r in runs]
-    print(_table(["run_id", "name", "kind", "status", "created", "tags", f"{metric} mean", "per benchmark"], rows))
+             ",".join(r["tags"] or []), x100(r["headline_mean"]),
+             " ".join(f"{b}={x100(v)}" for b, v in sorted(r["headline"].items()))] for r in runs]
+    print(_table(["run_id", "name", "kind", "status", "created", "tags", f"{metric} mean (x100)",
+                  "per benchmark (x100)"], rows))
     return 0
 
 
@@ -146,12 +169,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     for key, value in run.items():
         if key not in skip and value not in (None, [], {}):
             print(f"{key:15} {json.dumps(value, default=str, ensure_ascii=False) if isinstance(value, (dict, list)) else value}")
-    print("\nspec:\n" + "\n".join("  " + line for line in run["spec_yaml"].rstrip().splitlines()))
-    if run["metrics"]:
+    if run["metrics"]:  # the results before the long spec
         print("\nmetrics:")
-        print(_table(["benchmark", "metric", "value", "fingerprint", "evaluator"],
-                     [[m["benchmark"], f"{m['metric']}@{m['k']}", m["value"], m["fingerprint"],
-                       m["evaluator_version"]] for m in run["metrics"]]))
+        metrics = sorted(run["metrics"], key=lambda m: (m["benchmark"], m["metric"], m["k"]))
+        print(_table(["benchmark", "metric", "value (x100)", "fingerprint", "evaluator"],
+                     [[m["benchmark"], f"{m['metric']}@{m['k']}", x100(m["value"]), m["fingerprint"],
+                       m["evaluator_version"]] for m in metrics]))
+    print("\nspec:\n" + "\n".join("  " + line for line in run["spec_yaml"].rstrip().splitlines()))
     if run["artifacts"]:
         print("\nartifacts:")
         print(_table(["kind", "path"], [[a["kind"], a["path"]] for a in run["artifacts"]]))
@@ -172,13 +196,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         _print_json({"runs": [r["run_id"] for r in runs], "metrics": rows, "per_query_vs_first": wins})
         return 0
     ids = [r["run_id"] for r in runs]
-    header = ["benchmark", "metric"] + ids + [f"Δ {i}" for i in ids[1:]]
-    print(_table(header, [[r["benchmark"], r["metric"]] + r["values"] + r["deltas"] for r in rows]))
+    header = ["benchmark", "metric (x100)"] + ids + [f"Δ {i}" for i in ids[1:]]
+    print(_table(header, [[r["benchmark"], r["metric"]] + [x100(v) for v in r["values"]]
+                          + [x100(d, "+") for d in r["deltas"]] for r in rows]))
     for rid, w in wins.items():
         if w:
             print(f"\nper query, {rid} vs {ids[0]}:")
-            for col, c in w.items():
-                print(f"  {col}: {c['wins']} wins, {c['losses']} losses, {c['ties']} ties")
+            for col in sorted(w, key=metric_order):
+                c = w[col]
+                print(f"  {per_query_label(col)}: {c['wins']} wins, {c['losses']} losses, {c['ties']} ties")
     return 0
 
 
@@ -231,8 +257,9 @@ def cmd_best(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(found if args.top > 1 else found[0])
         return 0
-    label = f"{metric}@{k}" + (f" on {args.benchmark}" if args.benchmark else " (mean over benchmarks)")
-    print(_table(["run_id", "name", "kind", label, "benchmarks"], [list(f.values()) for f in found]))
+    label = f"{metric}@{k} (x100)" + (f" on {args.benchmark}" if args.benchmark else ", mean over benchmarks")
+    print(_table(["run_id", "name", "kind", label, "benchmarks"],
+                 [[f["run_id"], f["name"], f["kind"], x100(f["value"]), f["benchmarks"]] for f in found]))
     if skipped:
         print(f"({skipped} runs left out: stale benchmark fingerprint/evaluator version or missing benchmarks)")
     return 0
@@ -319,15 +346,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_ls)
 
     p = subparsers.add_parser("show", parents=[common, as_json], help="one run: spec, provenance, metrics, artifacts")
-    p.add_argument("run", help="run id or a unique prefix")
+    p.add_argument("run", help=RUN_REF_HELP)
     p.set_defaults(func=cmd_show)
 
     p = subparsers.add_parser("compare", parents=[common, as_json], help="metrics side by side, deltas vs the first run")
-    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("runs", nargs="+", metavar="RUN", help=RUN_REF_HELP)
     p.set_defaults(func=cmd_compare)
 
     p = subparsers.add_parser("diff", parents=[common, as_json], help="spec key paths that differ between two runs")
-    p.add_argument("run_a", metavar="RUN")
+    p.add_argument("run_a", metavar="RUN", help=RUN_REF_HELP)
     p.add_argument("run_b", metavar="RUN")
     p.set_defaults(func=cmd_diff)
 
@@ -347,6 +374,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sql)
 
     p = subparsers.add_parser("rm", parents=[common], help="delete a run (asks first)")
-    p.add_argument("run")
+    p.add_argument("run", help=RUN_REF_HELP)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.set_defaults(func=cmd_rm)

@@ -59,6 +59,38 @@ def effective_status(status: str, heartbeat_at: datetime | None, now: datetime |
     return status
 
 
+RUN_REF_HELP = ("a run: its id, a unique prefix or suffix of the id, a run name (its newest run) or `latest` "
+                "(the newest koe5-run training run)")
+
+
+def resolve_run_ref(ref: str, runs: list[dict], where) -> str:
+    """The run id `ref` names among `runs` (dicts with run_id, name and kind, oldest created first). Tried in order,
+    the first kind of match wins: the exact id, `latest`, a run name (newest run of that name; a sweep's
+    members and a spec run twice share one), then a unique id prefix, then a unique id suffix (the random
+    part `koe5-run` prints last)."""
+    ids = [r["run_id"] for r in runs]
+    if ref in ids:
+        return ref
+    if ref == "latest":
+        trained = [r["run_id"] for r in runs if r["kind"] == "train"] or ids
+        if trained:
+            return trained[-1]
+        raise RegistryError(f"`latest`: there are no runs in {where} yet.")
+    named = [r["run_id"] for r in runs if r["name"] == ref]
+    if named:
+        return named[-1]
+    for how, matches in (("prefix", [i for i in ids if i.startswith(ref)]),
+                         ("suffix", [i for i in ids if ref and i.endswith(ref)])):
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+            raise RegistryError(f"Run id {how} {ref!r} is ambiguous ({len(matches)} runs: {shown}); "
+                                "give more characters.")
+    raise RegistryError(f"No run id starts or ends with {ref!r}, and no run is named so, in {where}. "
+                        "`koe5 ls` lists the runs.")
+
+
 def _rows(con, sql: str, params: Iterable[Any] = ()) -> list[dict]:
     cur = con.execute(sql, list(params))
     cols = [d[0] for d in cur.description]
@@ -230,32 +262,25 @@ class Registry:
         with read_connection(self.path) as con:
             if con is None:
                 return []
-            runs = [_decode(r) for r in _rows(con, "SELECT * FROM runs WHERE spec_hash = ? ORDER BY run_id",
+            runs = [_decode(r) for r in _rows(con, "SELECT * FROM runs WHERE spec_hash = ? ORDER BY created_at, run_id",
                                               [spec_hash])]
         return [r for r in runs if status is None or r["status"] == status]
 
-    def get_run(self, prefix: str) -> dict:
-        """The run whose id starts with `prefix`, with its metrics and artifacts.
+    def get_run(self, ref: str) -> dict:
+        """The run `ref` names (see RUN_REF_HELP), with its metrics and artifacts.
 
         JSON columns come back decoded; `status` is the effective status (`crashed` for a running run with a
         stale heartbeat) and `recorded_status` the stored one; `metrics` and `artifacts` are lists of dicts.
         """
         with read_connection(self.path) as con:
-            matches = [] if con is None else _rows(
-                con, "SELECT * FROM runs WHERE starts_with(run_id, ?) ORDER BY run_id", [prefix])
-            if len(matches) == 1:
-                run = _decode(matches[0])
-                run["metrics"] = _rows(con, "SELECT benchmark, metric, k, value, fingerprint, evaluator_version "
-                                            "FROM metrics WHERE run_id = ? ORDER BY benchmark, metric, k",
-                                       [run["run_id"]])
-                run["artifacts"] = _rows(con, "SELECT kind, path, created_at FROM artifacts WHERE run_id = ? "
-                                              "ORDER BY created_at", [run["run_id"]])
-                return run
-        if not matches:
-            raise RegistryError(f"No run id starts with {prefix!r} in {self.path}. `koe5 ls` lists the runs.")
-        ids = ", ".join(m["run_id"] for m in matches[:5])
-        raise RegistryError(f"Run id prefix {prefix!r} is ambiguous ({len(matches)} runs: {ids}"
-                            f"{', ...' if len(matches) > 5 else ''}); give more characters.")
+            runs = [] if con is None else _rows(con, "SELECT run_id, name, kind FROM runs ORDER BY created_at, run_id")
+            run_id = resolve_run_ref(ref, runs, self.path)
+            run = _decode(_rows(con, "SELECT * FROM runs WHERE run_id = ?", [run_id])[0])
+            run["metrics"] = _rows(con, "SELECT benchmark, metric, k, value, fingerprint, evaluator_version "
+                                        "FROM metrics WHERE run_id = ? ORDER BY benchmark, metric, k", [run_id])
+            run["artifacts"] = _rows(con, "SELECT kind, path, created_at FROM artifacts WHERE run_id = ? "
+                                          "ORDER BY created_at", [run_id])
+            return run
 
     def list_runs(self, status: str | None = None, tag: str | None = None, name_glob: str | None = None,
                   sweep: str | None = None, sort_metric: str | None = None) -> list[dict]:
@@ -269,7 +294,7 @@ class Registry:
             if con is None:
                 return []
             # A sweep id, like a run id, may be given by a unique prefix; '' matches every run.
-            runs = _rows(con, "SELECT * FROM runs WHERE ? = '' OR starts_with(sweep_id, ?) ORDER BY run_id DESC",
+            runs = _rows(con, "SELECT * FROM runs WHERE ? = '' OR starts_with(sweep_id, ?) ORDER BY created_at DESC, run_id DESC",
                          [sweep or "", sweep or ""])
             scores = _rows(con, "SELECT run_id, benchmark, value FROM metrics WHERE metric = ? AND k = ?", [metric, k])
         per_run: dict[str, dict[str, float]] = {}
