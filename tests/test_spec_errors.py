@@ -287,11 +287,32 @@ def test_more_cpu_processes_than_cpus(tmp_path, monkeypatch):
     assert errors[0][0] == "launch.nproc_per_node" and "2 CPUs" in errors[0][1]
 
 
+def test_a_spec_meant_for_another_machine_still_fails_what_fails_everywhere(tmp_path, monkeypatch):
+    """--dry-run and --emit skip this machine's device checks, but fp16 with train.device cpu fails on every
+    machine: exit 2 there too. What this machine lacks (GPUs) is a warning naming the key."""
+    monkeypatch.setattr(validate, "device_info", lambda: (0, False))
+    write_files(tmp_path)
+    d = valid_spec()
+    put(d, "train.precision", "fp16")
+    put(d, "train.device", "cpu")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(d))
+    with pytest.raises(SpecError) as info:
+        expand(tmp_path / "spec.yaml", check_devices=False)
+    assert info.value.errors[0][0] == "train.precision" and "needs a CUDA GPU" in info.value.errors[0][1]
+    put(d, "train.device", "cuda")
+    put(d, "launch.nproc_per_node", 2)
+    put(d, "cache.chunk_size", 4)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(d))
+    [rs] = expand(tmp_path / "spec.yaml", check_devices=False)
+    assert any(w.startswith("train.device:") and "it must hold where the run starts" in w for w in rs.warnings)
+
+
 # ---- speed: errors without torch, well under a second
 
 def test_errors_are_fast_and_do_not_import_torch(tmp_path):
     d = valid_spec()
-    put(d, "train.precision", "fp16")  # would need device facts if the rest were valid
+    put(d, "train.precision", "fp16")  # would need device facts (train.device auto) if the rest were valid
+    put(d, "train.device", "auto")
     put(d, "model.poolin", "cls")
     write_files(tmp_path)
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(d))

@@ -123,11 +123,16 @@ def _expand(raw: dict, origins: Origins, overrides: Sequence[str], path: Path | 
     if errors:
         raise SpecError(errors, source)
 
-    if check_devices:
-        for _, spec, warnings, member_origins in members:
+    for _, spec, warnings, member_origins in members:
+        if check_devices:
             validate.check_devices(spec, errors, warnings, member_origins)
-        if errors:
-            raise SpecError(list(dict.fromkeys(errors)), source)
+        else:  # meant for another machine: what this machine's devices refuse is only a warning
+            here: list[tuple[str, str]] = []
+            validate.check_devices(spec, here, warnings, member_origins)
+            warnings.extend(f"{key}: {message} (on this machine; it must hold where the run starts)"
+                            for key, message in here)
+    if errors:
+        raise SpecError(list(dict.fromkeys(errors)), source)
 
     prints: dict[str, str] = {}
     out = []

@@ -313,6 +313,11 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: 
                 missing(f"eval.benchmarks[{i}].path", f"benchmark directory {b.path} does not exist (expected "
                                                       "BEIR layout: corpus.jsonl, queries.jsonl, qrels/test.tsv)")
 
+    # Invalid on every machine, so the dry run refuses it too (what depends on this machine's devices is
+    # check_devices', which a spec meant for elsewhere skips).
+    if t.device == "cpu" and t.precision == "fp16" and "train.device" not in broken:
+        bad("train.precision", "fp16 needs a CUDA GPU and train.device is cpu; use fp32 or bf16 on the CPU")
+
     _check_deepspeed(spec, bad, broken, nproc if nproc_ok else 1)
 
 
@@ -445,7 +450,7 @@ def check_devices(spec: schema.Spec, errors: Errors, warnings: list[str], origin
         return
     if device == "cpu":
         auto = " (train.device auto found no CUDA device)" if t.device == "auto" else ""
-        if t.precision == "fp16":
+        if t.precision == "fp16" and t.device == "auto":  # with device cpu, check_rules already refused it
             errors.append(("train.precision", f"{lab('train.precision')}fp16 needs a CUDA GPU and training runs on "
                                               f"CPU here{auto}; use fp32 or bf16 on CPU"))
         elif t.precision == "bf16":
