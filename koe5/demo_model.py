@@ -18,18 +18,20 @@ BUILTIN_NAME = "builtin:tiny-ko-bert"
 SAMPLE_TRAIN = Path(__file__).parent / "assets" / "ko_sample" / "train.jsonl"
 
 # Changing any of these changes the cache key, so an old cached build is never reused by mistake.
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: the vocabulary knows the E5 prefixes and ASCII
 CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
               max_position_embeddings=512, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 VOCAB_SIZE = 4000
 
 
 def _sample_texts() -> list[str]:
+    """The sample's texts as the model reads them, E5 prefixes included, so `query:` and `passage:` are
+    words of the vocabulary rather than [UNK] pieces."""
     texts = []
     with open(SAMPLE_TRAIN, encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
-            texts += [row["query"], row["document"], row["hard_negative"]]
+            texts += ["query: " + row["query"], "passage: " + row["document"], "passage: " + row["hard_negative"]]
     return texts
 
 
@@ -60,7 +62,10 @@ def _build(target: Path) -> None:
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                 strip_accents=False, lowercase=False)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # Every printable ASCII character is in the alphabet, so English words, digits and punctuation in
+    # a user's text split into known pieces instead of [UNK].
     trainer = trainers.WordPieceTrainer(vocab_size=VOCAB_SIZE, min_frequency=1,
+                                        initial_alphabet=[chr(c) for c in range(33, 127)],
                                         special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     tok.train_from_iterator(_sample_texts(), trainer=trainer)
     tokenizer = BertTokenizerFast(tokenizer_object=tok, do_lower_case=False, strip_accents=False,

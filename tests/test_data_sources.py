@@ -174,3 +174,28 @@ def test_bytes_that_are_not_utf8_name_their_line_in_whole_file_formats(tmp_path,
     path.write_bytes(content.encode("latin-1"))
     with pytest.raises(DataError, match=rf"{path}:3: bytes that are not UTF-8"):
         read_triples(path)
+
+
+def test_every_bad_line_is_named_in_one_error(tmp_path):
+    """A file with several bad lines takes one run to find them all: each is named with its line, up to a
+    limit, and the rest are counted."""
+    from koe5.data.triples import MAX_REPORTED
+
+    good = json.dumps({"query": "질문", "document": "문서", "hard_negative": "다른 문서"}, ensure_ascii=False)
+    lines = [good, '{"query": "q" "document": "d"}', good, "not json", json.dumps({"query": "", "document": "d"})]
+    path = tmp_path / "three.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_triples(path)
+    message = str(info.value)
+    assert "3 bad records" in message
+    for line in (2, 4, 5):
+        assert f"{path}:{line}:" in message
+    assert "character 1 of the line" in message  # not a bare "column 1"
+    many = tmp_path / "many.jsonl"
+    many.write_text("\n".join([good] + ["not json"] * (MAX_REPORTED + 5)) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_triples(many)
+    message = str(info.value)
+    assert f"{MAX_REPORTED + 5} bad records" in message and "... and 5 more" in message
+    assert message.count("not valid JSON") == MAX_REPORTED

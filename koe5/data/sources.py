@@ -96,11 +96,11 @@ def _decode_line(raw: bytes, where: str, encoding: str = "utf-8") -> "dict | Dat
     try:
         line = raw.decode(encoding)
     except UnicodeDecodeError as e:
-        return DataError(f"{where}: {not_encoded_as(encoding)} (column {e.start + 1})")
+        return DataError(f"{where}: {not_encoded_as(encoding)} (byte {e.start + 1} of the line)")
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        return DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+        return DataError(f"{where}: not valid JSON ({e.msg} at character {e.colno} of the line)")
     if not isinstance(row, dict):
         return DataError(f"{where}: expected a JSON object, found {type(row).__name__}")
     return row

@@ -50,6 +50,9 @@ def as_source(source, fields: dict | None = None, split: str = "train"):
                       mine=MineSpec())
 
 
+MAX_REPORTED = 20  # bad records named in one error; the rest are counted
+
+
 def iter_triples(path, hard_negatives: int = 1, skipped: dict | None = None,
                  fields: dict[str, str] | None = None, split: str = "train",
                  notes: dict | None = None) -> Iterator[Triple]:
@@ -57,25 +60,34 @@ def iter_triples(path, hard_negatives: int = 1, skipped: dict | None = None,
     side, ...) or a path to a triples source (with `fields` and `split`). Negatives are read only when
     `hard_negatives` > 0; a triple may have fewer than asked (even none).
 
-    A bad record raises DataError, unless `skipped` is given (data.on_error: skip): then it is left out
-    and counted in skipped[str(path)]. Rows a format leaves out by design, and triples of the other
+    Bad records raise one DataError naming each (the first MAX_REPORTED, and how many in all) once the
+    source is read to the end, so that one run finds them all, unless `skipped` is given (data.on_error:
+    skip): then they are left out and counted in skipped[str(path)]. Rows a format leaves out by design, and triples of the other
     holdout side, are counted by reason in `notes`. A source with no readable triple is an error."""
     source = as_source(path, fields, split)
     key = str(source.path)
     left_out: Counter = Counter()
     split_by = source.holdout if active(source.holdout) else None
-    count = 0
+    count, bad = 0, []
     for item in read_format(source, hard_negatives > 0, left_out):
         if isinstance(item, DataError):
             if skipped is None:
-                raise item
-            skipped[key] = skipped.get(key, 0) + 1
+                bad.append(item)
+            else:
+                skipped[key] = skipped.get(key, 0) + 1
             continue
         if split_by and side_of(item.unit, split_by.fraction, split_by.seed) != split_by.side:
             left_out[f"holdout: {'train' if split_by.side == 'bench' else 'bench'} side"] += 1
             continue
         count += 1
         yield item
+    if len(bad) == 1:
+        raise bad[0]
+    if bad:
+        shown = "\n".join(f"  {e}" for e in bad[:MAX_REPORTED])
+        more = f"\n  ... and {len(bad) - MAX_REPORTED} more" if len(bad) > MAX_REPORTED else ""
+        raise DataError(f"{key}: {len(bad)} bad records{' (the first ' + str(MAX_REPORTED) + ')' if more else ''}:"
+                        f"\n{shown}{more}\nFix them, or set data.on_error=skip to leave them out and count them.")
     if notes is not None:
         for reason, n in left_out.items():
             notes[reason] = notes.get(reason, 0) + n
