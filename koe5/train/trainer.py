@@ -11,6 +11,7 @@ folds into the registry:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -35,6 +36,9 @@ from koe5.train.step import StepConfig, train_step
 def init_distributed(device_type: str) -> tuple[int, int, int]:
     """(rank, local_rank, world_size). A single process started without a launcher gets a one-rank group,
     so the same DeepSpeed code path runs everywhere."""
+    if device_type == "cpu":
+        # Named, DeepSpeed does not warn on every run that it "was unable to detect" a GPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     if "RANK" not in os.environ:
@@ -42,7 +46,9 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", verbose=False)
+    # On the CPU, DeepSpeed builds its shared-memory op here and prints that it did, every run: say nothing.
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo", verbose=False)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     release_shm_segment(rank, world)
     return rank, int(os.environ.get("LOCAL_RANK", 0)), world
