@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--emit", choices=["slurm", "deepspeed", "torchrun"],
                         help="freeze the spec and print the job script (slurm) or launch command a cluster "
                              "user submits; runs nothing here")
-    args = parser.parse_args(argv)
+    # Intermixed: options may come anywhere (`koe5-run spec.yaml --dry-run a=b` as well as before the spec).
+    args = parser.parse_intermixed_args(argv)
     by_run = args.from_run or args.resume
     if args.spec and "=" in args.spec and not args.spec.endswith((".yaml", ".yml")) and by_run:
         args.overrides.insert(0, args.spec)  # `koe5-run --from-run X a=b`: the first override lands in spec
