@@ -10,13 +10,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+import altair as alt
 import pandas as pd
 import streamlit as st
 
 from koe5.registry import Registry, RegistryError
-from koe5.registry.board import (CURVES, TABLE_METRICS, leaderboard, load_metrics, load_runs, load_train_log,
-                                 runs_with_train_log, sweep_keys, sweep_points)
+from koe5.registry.board import (CURVES, DELTA_MODES, TABLE_METRICS, X100, column_name, leaderboard, load_metrics,
+                                 load_runs, load_train_log, metric_label, metric_options, parse_metric_label,
+                                 runs_with_train_log, spec_key_options, sweep_baselines, sweep_keys, sweep_points)
 from koe5.registry.commands import per_query_metric_columns, run_per_query
+from koe5.registry.store import METRICS
 from koe5.spec.diff import diff_yaml
 
 TTL_S = 5
@@ -61,16 +64,25 @@ def filters(runs: pd.DataFrame, metrics: pd.DataFrame) -> tuple[pd.DataFrame, li
     return runs[keep], benches
 
 
-def view_leaderboard(runs: pd.DataFrame, metrics: pd.DataFrame, benches: list[str]) -> None:
+def view_leaderboard(runs: pd.DataFrame, metrics: pd.DataFrame, benches: list[str], all_runs: pd.DataFrame) -> None:
     st.subheader("Leaderboard")
-    st.caption("Per benchmark NDCG@1, F1@1, NDCG@3, F1@3 (×100) and their average over the chosen benchmarks. "
-               "Bold green = best in column. † = stale: a different benchmark fingerprint or evaluator version "
-               "than the rest of the column; stale values are never averaged.")
-    table, stale = leaderboard(runs, metrics, benches)
+    options = metric_options(metrics)
+    c1, c2, c3 = st.columns([3, 3, 2])
+    chosen = c1.multiselect("Metrics", options, default=[m for m in (metric_label(*mk) for mk in TABLE_METRICS)
+                                                         if m in options])
+    keys = c2.multiselect("Spec columns", spec_key_options(runs),
+                          help="Key paths of the runs' resolved specs, e.g. train.lr, loss.temperature.")
+    deltas = c3.selectbox("Change against the base model", DELTA_MODES)
+    st.caption("Metrics x100: per benchmark, and their average over the chosen benchmarks. Δ = the run minus its "
+               "base model: the newest baseline run of the same model.name_or_path on the same benchmark version "
+               "(blank when there is none). Bold green = best in column. † = stale: a different benchmark "
+               "fingerprint or evaluator version than the rest of the column; stale values are never averaged.")
+    metric_keys = [parse_metric_label(m) for m in chosen]
+    table, stale = leaderboard(runs, metrics, benches, metric_keys, keys, all_runs, deltas)
     if table.empty:
         st.info("No runs match the filters.")
         return
-    numeric = [c for c in table.columns if c not in ("run_id", "name", "kind", "status", "model")]
+    numeric = [c for c in table.columns if c.endswith(X100)]
     best = {c: table.loc[~stale[c], c].max() for c in numeric}
 
     def style(col: pd.Series) -> list[str]:
@@ -83,13 +95,32 @@ def view_leaderboard(runs: pd.DataFrame, metrics: pd.DataFrame, benches: list[st
     shown = table.copy()
     flags = stale[numeric].to_numpy()
     shown["stale"] = ["† " + ", ".join(c for c, f in zip(numeric, row) if f) if row.any() else "" for row in flags]
-    styled = shown.style.apply(style, axis=0).format({c: "{:.2f}" for c in numeric}, na_rep="–")
+    formats = {c: "{:+.2f}" if c.startswith("Δ ") else "{:.2f}" for c in numeric}
+    styled = shown.style.apply(style, axis=0).format(formats, na_rep="–")
     st.dataframe(styled, hide_index=True, width="stretch")
-    avg = f"Avg {TABLE_METRICS[0][0].upper()}@{TABLE_METRICS[0][1]}"
+    avg = column_name("Avg", *metric_keys[0]) if metric_keys else None
     if avg in table and table[avg].notna().any():
         top = table.loc[table[avg].idxmax()]
         st.markdown(f"Best by {avg}: **{top['name']}** (`{top['run_id']}`, {top['kind']}) — {top[avg]:.2f}")
     st.caption(f"{len(table)} runs: " + ", ".join(f"{n} {k}" for k, n in table["kind"].value_counts().items()))
+
+
+def sweep_chart(points: pd.DataFrame, baselines: pd.DataFrame, key: str, label: str) -> alt.Chart:
+    """The metric against the swept value, with each baseline (the untrained model) as a dashed horizontal
+    line: it has no swept value of its own, so as a point it would make the line jump at its x.
+    The chart's columns are renamed to plain names because Vega-Lite reads '.' and '[' in a field name as
+    a path (train.batch_size)."""
+    data = pd.DataFrame({"x": points[key], "y": points[label], "run": points["name"]})
+    numeric = pd.api.types.is_numeric_dtype(points[key])
+    mark = alt.Chart(data).mark_line(point=True) if numeric else alt.Chart(data).mark_bar()
+    chart = mark.encode(x=alt.X("x", type="quantitative" if numeric else "nominal", title=key),
+                        y=alt.Y("y:Q", title=label), tooltip=["run:N", "x", "y:Q"])
+    if baselines.empty:
+        return chart
+    rules = pd.DataFrame({"y": baselines[label], "baseline": baselines["name"]})
+    rule = alt.Chart(rules).mark_rule(strokeDash=[6, 4]).encode(
+        y="y:Q", color=alt.Color("baseline:N", title="baseline (untrained)"), tooltip=["baseline:N", "y:Q"])
+    return chart + rule
 
 
 def view_sweeps(reg: Registry, runs: pd.DataFrame, metrics: pd.DataFrame) -> None:
@@ -105,19 +136,22 @@ def view_sweeps(reg: Registry, runs: pd.DataFrame, metrics: pd.DataFrame) -> Non
         return
     c1, c2, c3 = st.columns(3)
     key = c1.selectbox("Swept key", keys)
-    options = [f"{m.upper()}@{k}" for m, k in sorted(set(zip(metrics["metric"], metrics["k"])))] or ["NDCG@1"]
+    options = metric_options(metrics) or ["NDCG@1"]
     metric = c2.selectbox("Metric", options, index=options.index("NDCG@1") if "NDCG@1" in options else 0)
     bench = c3.selectbox("Benchmark", ["(mean)"] + sorted(metrics["benchmark"].unique()))
-    name, k = metric.lower().split("@")
-    points = sweep_points(runs, metrics, sweep, key, name, int(k), None if bench == "(mean)" else bench)
+    name, k = parse_metric_label(metric)
+    bench = None if bench == "(mean)" else bench
+    points = sweep_points(runs, metrics, sweep, key, name, k, bench)
     if points.empty:
         st.info("No run of this sweep has that metric yet.")
         return
-    if pd.api.types.is_numeric_dtype(points[key]):
-        st.line_chart(points, x=key, y=metric)
-    else:
-        st.bar_chart(points, x=key, y=metric)
+    label = metric + X100
+    baselines = sweep_baselines(runs, metrics, sweep, name, k, bench)
+    st.altair_chart(sweep_chart(points, baselines, key, label), width="stretch")
     st.dataframe(points, hide_index=True)
+    if not baselines.empty:
+        st.caption("Dashed lines: " + ", ".join(f"{b['name']} (`{b['run_id']}`) {b[label]:.2f}"
+                                               for _, b in baselines.iterrows()))
 
 
 def view_curves(reg: Registry, runs: pd.DataFrame) -> None:
@@ -125,14 +159,42 @@ def view_curves(reg: Registry, runs: pd.DataFrame) -> None:
     logged = runs_with_train_log(reg)
     trained = runs[runs["run_id"].isin(logged)]
     labels = {f"{r.name} ({r.run_id})": r.run_id for r in trained.itertuples()}
-    chosen = st.multiselect("Runs", list(labels), default=list(labels)[:3])
+    chosen = st.multiselect("Runs", list(labels), default=list(labels)[:3], key="curve_runs")
     log = load_train_log(reg, [labels[c] for c in chosen])
     if log.empty:
         st.info("No training log recorded for these runs.")
         return
+    log["run"] = log["run_id"].map({v: k for k, v in labels.items()})
+    # A line needs two points: a run with one logged row (a one-step run, or one recorded before the
+    # trainer logged its first step too) would draw nothing, so it is named and its row shown instead.
+    rows = log.groupby("run")["step"].transform("size")
+    for run, few in log[rows < 2].groupby("run"):
+        st.info(f"{run}: fewer than 2 logged rows ({len(few)}, step {', '.join(map(str, few['step']))}), so no "
+                f"curve. The trainer logs the first step, every train.log_every steps and the last step; lower "
+                f"train.log_every to see more of a run this short.")
+        st.dataframe(few[["step", *CURVES]], hide_index=True)
+    log = log[rows >= 2]
+    if log.empty:
+        return
     for col in CURVES:
         st.markdown(f"**{col}**")
-        st.line_chart(log.pivot_table(index="step", columns="run_id", values=col))
+        # Long format, one line per run over its own rows: a wide table (a column per run, a row per step of
+        # any run) leaves gaps where runs logged different steps, and a gap breaks the line.
+        data = log[["step", "run", col]].dropna().rename(columns={col: "value"})
+        st.altair_chart(alt.Chart(data).mark_line(point=True).encode(
+            x=alt.X("step:Q", title="step"), y=alt.Y("value:Q", title=col), color=alt.Color("run:N", title="run"),
+            tooltip=["run:N", "step:Q", "value:Q"]), width="stretch")
+
+
+def run_metrics_table(rows: list[dict]) -> pd.DataFrame:
+    """A run's metric rows as the page shows them: x100, by benchmark, metric and k as a number."""
+    df = pd.DataFrame(rows)
+    df = df.assign(order=df["metric"].map({m: i for i, m in enumerate(METRICS)})).sort_values(
+        ["benchmark", "order", "k"], kind="stable")
+    return pd.DataFrame({"benchmark": df["benchmark"],
+                         "metric": [metric_label(m, k) for m, k in zip(df["metric"], df["k"])],
+                         "value" + X100: (df["value"] * 100).round(2),
+                         "fingerprint": df["fingerprint"], "evaluator": df["evaluator_version"]})
 
 
 def view_run(reg: Registry, runs: pd.DataFrame) -> None:
@@ -145,10 +207,16 @@ def view_run(reg: Registry, runs: pd.DataFrame) -> None:
     run = reg.get_run(runs.iloc[labels.index(label)]["run_id"])
     st.markdown(f"**{run['name']}** `{run['run_id']}` — {run['kind']}, **{run['status']}**"
                 + (f" — {run['error']}" if run.get("error") else ""))
+    # Metrics first: they are what the page is opened for; the ~100-line spec comes after, folded away.
+    if run["metrics"]:
+        st.dataframe(run_metrics_table(run["metrics"]), hide_index=True)
+    else:
+        st.caption("No metrics recorded for this run.")
     provenance = {k: run.get(k) for k in ("spec_hash", "git_commit", "git_dirty", "versions", "host", "devices",
                                           "world_size", "data_mix", "created_at", "started_at", "finished_at")}
     st.json({k: (str(v) if hasattr(v, "isoformat") else v) for k, v in provenance.items()}, expanded=False)
-    st.code(run["spec_yaml"], language="yaml")
+    with st.expander("Spec (resolved YAML)"):
+        st.code(run["spec_yaml"], language="yaml")
 
     others = [l for l in labels if l != label]
     if others:
@@ -158,8 +226,6 @@ def view_run(reg: Registry, runs: pd.DataFrame) -> None:
         st.dataframe(pd.DataFrame([(k, str(a), str(b)) for k, a, b in diffs],
                                   columns=["key", other_run["run_id"], run["run_id"]]), hide_index=True)
 
-    if run["metrics"]:
-        st.dataframe(pd.DataFrame(run["metrics"]), hide_index=True)
     per_query = run_per_query(run)
     if per_query is None:
         st.caption("No per-query results recorded for this run.")
@@ -174,7 +240,8 @@ def view_run(reg: Registry, runs: pd.DataFrame) -> None:
         per_query = per_query[per_query["benchmark"] == bench]
     misses = per_query[per_query[col] == 0]
     st.markdown(f"**Queries missed** ({len(misses)} of {per_query[col].notna().sum()} with {col} = 0)")
-    st.dataframe(misses, hide_index=True)
+    st.dataframe(misses.assign(**{c: misses[c] * 100 for c in cols}).rename(columns={c: c + X100 for c in cols}),
+                 hide_index=True)
 
 
 def main() -> None:
@@ -188,10 +255,11 @@ def main() -> None:
         return
     st.caption(f"Registry: {reg.path}")
     view = st.sidebar.radio("View", VIEWS)
+    all_runs = runs  # a run's base model is looked for among every run, whatever the filters hide
     runs, benches = filters(runs, metrics)
     try:
         if view == "Leaderboard":
-            view_leaderboard(runs, metrics, benches)
+            view_leaderboard(runs, metrics, benches, all_runs)
         elif view == "Sweeps":
             view_sweeps(reg, runs, metrics)
         elif view == "Training curves":

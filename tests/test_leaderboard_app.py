@@ -42,14 +42,14 @@ def test_table_values_averages_and_staleness(demo):
     table, stale = leaderboard(load_runs(reg), load_metrics(reg))
     row = table.set_index("run_id").loc[ids["trained"]]
     for bench in ("ko-strategyqa", "autorag-ko"):
-        assert row[f"{bench} F1@3"] == pytest.approx(round(100 * _value(reg, ids["trained"], bench, "f1", 3), 2))
+        assert row[f"{bench} F1@3 (x100)"] == pytest.approx(round(100 * _value(reg, ids["trained"], bench, "f1", 3), 2))
     mean = np.mean([100 * _value(reg, ids["trained"], b, "ndcg", 1) for b in ("ko-strategyqa", "autorag-ko")])
-    assert row["Avg NDCG@1"] == pytest.approx(round(mean, 2))
+    assert row["Avg NDCG@1 (x100)"] == pytest.approx(round(mean, 2))
     # The run evaluated on another benchmark version: marked stale and never averaged.
     srow = table.index[table["run_id"] == ids["stale"]][0]
-    assert stale.loc[srow, "ko-strategyqa NDCG@1"] and pd.isna(table.loc[srow, "Avg NDCG@1"])
+    assert stale.loc[srow, "ko-strategyqa NDCG@1 (x100)"] and pd.isna(table.loc[srow, "Avg NDCG@1 (x100)"])
     assert not stale.drop(index=srow).drop(columns=["run_id"]).to_numpy().any()
-    avgs = table["Avg NDCG@1"].dropna().tolist()
+    avgs = table["Avg NDCG@1 (x100)"].dropna().tolist()
     assert avgs == sorted(avgs, reverse=True)  # best first
 
 
@@ -60,11 +60,11 @@ def test_benchmark_subset_and_missing_values(demo):
     table, _ = leaderboard(runs, metrics, ["autorag-ko"])
     assert not any(c.startswith("ko-strategyqa") for c in table.columns)
     row = table.set_index("run_id").loc[ids["baseline"]]
-    assert row["Avg F1@1"] == row["autorag-ko F1@1"]
+    assert row["Avg F1@1 (x100)"] == row["autorag-ko F1@1 (x100)"]
     # A run lacking one benchmark gets no average rather than a mean over fewer benchmarks.
     partial = metrics[~((metrics["run_id"] == ids["trained"]) & (metrics["benchmark"] == "autorag-ko"))]
     table, _ = leaderboard(runs, partial)
-    assert pd.isna(table.set_index("run_id").loc[ids["trained"], "Avg NDCG@3"])
+    assert pd.isna(table.set_index("run_id").loc[ids["trained"], "Avg NDCG@3 (x100)"])
 
 
 def test_stale_mask_majority_per_benchmark():
@@ -88,7 +88,7 @@ def test_leaderboard_view(app, demo):
     df = app.dataframe[0].value
     assert {ids["baseline"], ids["trained"]} <= set(df["run_id"])
     assert set(df["kind"]) >= {"baseline", "train"}  # baselines and fine-tuned runs side by side
-    assert "Avg NDCG@1" in df.columns and "ko-strategyqa F1@3" in df.columns
+    assert "Avg NDCG@1 (x100)" in df.columns and "ko-strategyqa F1@3 (x100)" in df.columns
     assert df.set_index("run_id").loc[ids["stale"], "stale"].startswith("†")
     assert any("Best by Avg NDCG@1" in m.value for m in app.markdown)
 
@@ -104,7 +104,7 @@ def test_leaderboard_filters(app, demo):
     next(w for w in app.sidebar.multiselect if w.label == "Tag").set_value([]).run()
     next(w for w in app.sidebar.multiselect if w.label == "Benchmarks").set_value(["autorag-ko"]).run()
     cols = app.dataframe[0].value.columns
-    assert "autorag-ko NDCG@1" in cols and not any(c.startswith("ko-strategyqa") for c in cols)
+    assert "autorag-ko NDCG@1 (x100)" in cols and not any(c.startswith("ko-strategyqa") for c in cols)
     next(w for w in app.sidebar.multiselect if w.label == "Status").set_value(["finished"]).run()
     assert len(app.dataframe[0].value) == 6
     next(w for w in app.sidebar.multiselect if w.label == "Tag").set_value(["sweep"]).run()
@@ -121,11 +121,11 @@ def test_sweep_view(app, demo):
     reg = Registry(path)
     expected = [100 * np.mean([_value(reg, ids[f"sweep{bs}"], b, "ndcg", 1) for b in ("ko-strategyqa", "autorag-ko")])
                 for bs in (16, 32, 64)]
-    assert points["NDCG@1"].tolist() == pytest.approx(expected)  # NDCG@1 against batch size, mean of benchmarks
+    assert points["NDCG@1 (x100)"].tolist() == pytest.approx(expected)  # NDCG@1 against batch size, mean of benchmarks
     next(w for w in app.main.selectbox if w.label == "Metric").set_value("F1@3").run()
     next(w for w in app.main.selectbox if w.label == "Benchmark").set_value("autorag-ko").run()
     got = app.dataframe[0].value
-    assert got["F1@3"].tolist() == pytest.approx([100 * _value(reg, ids[f"sweep{bs}"], "autorag-ko", "f1", 3)
+    assert got["F1@3 (x100)"].tolist() == pytest.approx([100 * _value(reg, ids[f"sweep{bs}"], "autorag-ko", "f1", 3)
                                                   for bs in (16, 32, 64)])
     assert app.get("vega_lite_chart") or app.get("arrow_vega_lite_chart")
 
@@ -149,7 +149,7 @@ def test_run_view(app, demo):
     assert not app.exception
     assert "name: e5-small-ko-ft" in app.code[0].value
     app.selectbox(key="diff_against").set_value(f"e5-small-baseline ({ids['baseline']})").run()
-    diff = app.dataframe[0].value
+    diff = next(d.value for d in app.dataframe if "key" in d.value.columns)
     assert set(diff["key"]) == {"name", "train.lr"}
     app.selectbox(key="miss_benchmark").set_value("autorag-ko").run()
     app.selectbox(key="miss_metric").set_value("f1@1").run()
@@ -159,6 +159,7 @@ def test_run_view(app, demo):
     per_query = pd.concat([pd.read_json(a["path"], lines=True) for a in artifacts if a["kind"] == "per_query"])
     per_query = per_query[per_query["benchmark"] == "autorag-ko"]
     assert sorted(misses["qid"]) == sorted(per_query.loc[per_query["f1@1"] == 0, "qid"])
+    assert misses["ndcg@3 (x100)"].isin([0, 100]).all()  # per-query metrics x100 too
     assert "q-none" not in set(misses["qid"])  # excluded queries are not misses
 
 
@@ -166,3 +167,190 @@ def test_empty_registry(tmp_path, monkeypatch):
     monkeypatch.setenv("KOE5_REGISTRY", str(tmp_path / "none.duckdb"))
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception and any("No runs" in i.value for i in at.info)
+
+
+# --- User-reported problems (one test each). They use a second registry: the demo plus the runs each
+# problem needs, so the counts the tests above check stay as they are.
+
+def _chart_layers(chart) -> list[tuple[str, pd.DataFrame]]:
+    """(mark type, data) of every layer of a rendered Vega-Lite chart, decoded from the element's proto."""
+    import json
+
+    from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
+
+    proto = chart.proto
+    datasets = {d.name: convert_arrow_bytes_to_pandas_df(d.data.data) for d in proto.datasets}
+    spec = json.loads(proto.spec)
+    layers = []
+    for layer in spec.get("layer", [spec]):
+        mark = layer["mark"]["type"] if isinstance(layer["mark"], dict) else layer["mark"]
+        name = layer.get("data", spec.get("data", {})).get("name")
+        data = datasets[name] if name in datasets else convert_arrow_bytes_to_pandas_df(proto.data.data)
+        layers.append((mark, data))
+    return layers
+
+
+def _charts(at: AppTest) -> list:
+    return at.get("vega_lite_chart") or at.get("arrow_vega_lite_chart")
+
+
+def _in_order(node):
+    """Every element and block under `node`, in the order the page shows them."""
+    for key in sorted(getattr(node, "children", {}) or {}):
+        child = node.children[key]
+        yield child
+        yield from _in_order(child)
+
+
+def _write_log(reg: Registry, run_id: str, path: Path, steps: list[int]) -> None:
+    import json
+
+    path.write_text("".join(json.dumps({"step": s, "loss": 3.0 / s, "lr": 1e-5, "triples_per_s": 50.0 + s,
+                                        "margin": 0.05 * s}) + "\n" for s in steps))
+    reg.fold_train_log(run_id, path)
+
+
+@pytest.fixture(scope="module")
+def richer(tmp_path_factory):
+    from koe5.registry.demo import spec_yaml
+
+    path = tmp_path_factory.mktemp("board_richer") / "reg.duckdb"
+    ids = make_demo_registry(path)
+    reg = Registry(path)
+    # The sweep's own baseline: the untrained model, recorded with the sweep's id (as koe5-run does).
+    # Its spec has the swept key too, so a sweep plot that takes every run of the sweep plots it as a point.
+    ids["sweep_base"] = reg.create_run("bs-sweep@init", "hash-bs-init", spec_yaml("bs-sweep@init", batch_size=32),
+                                       kind="baseline", status="running", tags=["init"], sweep_id=ids["sweep"])
+    reg.add_metrics(ids["sweep_base"], "ko-strategyqa", {("ndcg", 1): 0.30, ("f1", 3): 0.20},
+                    fingerprint="ko-strategyqa-fp-v1", evaluator_version="1")
+    reg.add_metrics(ids["sweep_base"], "autorag-ko", {("ndcg", 1): 0.40, ("f1", 3): 0.25},
+                    fingerprint="autorag-ko-fp-v1", evaluator_version="1")
+    reg.set_status(ids["sweep_base"], "finished")
+    # Training logs: one run logged every 4 steps, one shorter than its log_every (a single row).
+    ids["log4"] = reg.create_run("log-every-4", "hash-log4", spec_yaml("log-every-4"), status="running")
+    _write_log(reg, ids["log4"], path.parent / "log4.jsonl", [4, 8, 12])
+    reg.set_status(ids["log4"], "finished")
+    ids["short"] = reg.create_run("short-run", "hash-short", spec_yaml("short-run"), status="running")
+    _write_log(reg, ids["short"], path.parent / "short.jsonl", [3])
+    reg.set_status(ids["short"], "finished")
+    return path, ids
+
+
+@pytest.fixture
+def richer_app(richer, monkeypatch) -> AppTest:
+    monkeypatch.setenv("KOE5_REGISTRY", str(richer[0]))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_sweep_plot_shows_baseline_as_reference_line(richer_app, richer):
+    """Problem 1: an untrained baseline of the sweep is a horizontal rule, not a point of the sweep line."""
+    path, ids = richer
+    app = richer_app
+    app.sidebar.radio[0].set_value("Sweeps").run()
+    assert not app.exception
+    points = app.dataframe[0].value
+    assert points["train.batch_size"].tolist() == [16, 32, 64]  # the three trained runs only
+    assert ids["sweep_base"] not in set(points["run_id"])
+    layers = _chart_layers(_charts(app)[0])
+    lines = [d for mark, d in layers if mark in ("line", "bar")]
+    rules = [d for mark, d in layers if mark == "rule"]
+    assert len(lines) == 1 and len(lines[0]) == 3, layers
+    assert len(rules) == 1 and len(rules[0]) == 1, layers
+    # The rule sits at the baseline's NDCG@1, mean of the two benchmarks, x100.
+    assert rules[0].select_dtypes("number").iloc[0].tolist() == [pytest.approx(35.0)]
+    assert "NDCG@1 (x100)" in points.columns
+
+
+def test_metric_picker_defaults_include_ndcg10(app, demo):
+    """Problem 2: a metric picker over every recorded metric@k; the defaults are the four KoE5 columns
+    plus NDCG@10 (MTEB's main retrieval score); every value is x100 and its header says so."""
+    path, ids = demo
+    pickers = [w for w in app.multiselect if w.label == "Metrics"]
+    assert len(pickers) == 1, [w.label for w in app.multiselect]
+    picker = pickers[0]
+    assert picker.value == ["NDCG@1", "F1@1", "NDCG@3", "F1@3", "NDCG@10"]
+    assert {"Recall@10", "MRR@10", "MAP@10", "Precision@5"} <= set(picker.options)
+    df = app.dataframe[0].value
+    assert "Avg NDCG@10 (x100)" in df.columns and "ko-strategyqa NDCG@10 (x100)" in df.columns
+    picker.set_value(["MRR@10", "Recall@10"]).run()
+    df = app.dataframe[0].value.set_index("run_id")
+    metric_cols = [c for c in df.columns if c.endswith("(x100)")]
+    assert metric_cols and all("MRR@10" in c or "Recall@10" in c for c in metric_cols)
+    reg = Registry(path)
+    assert df.loc[ids["trained"], "autorag-ko MRR@10 (x100)"] == pytest.approx(
+        round(100 * _value(reg, ids["trained"], "autorag-ko", "mrr", 10), 2))
+    assert any("Best by Avg MRR@10 (x100)" in m.value for m in app.markdown)
+
+
+def test_spec_columns_and_change_against_base_model(app, demo):
+    """Problem 3: chosen spec keys as columns, and each run's change against the baseline run of the
+    same model on the same benchmark (same fingerprint) as delta columns."""
+    path, ids = demo
+    pickers = [w for w in app.multiselect if w.label == "Spec columns"]
+    assert len(pickers) == 1, [w.label for w in app.multiselect]
+    assert {"train.lr", "train.batch_size", "model.name_or_path"} <= set(pickers[0].options)
+    pickers[0].set_value(["train.lr", "train.batch_size"]).run()
+    df = app.dataframe[0].value.set_index("run_id")
+    assert df.loc[ids["trained"], "train.lr"] == pytest.approx(3e-5)
+    assert df.loc[ids["sweep16"], "train.batch_size"] == 16
+    # Change against the base model: trained - baseline, on the averages by default.
+    delta = "Δ Avg NDCG@1 (x100)"
+    assert delta in df.columns
+    assert df.loc[ids["trained"], delta] == pytest.approx(
+        df.loc[ids["trained"], "Avg NDCG@1 (x100)"] - df.loc[ids["baseline"], "Avg NDCG@1 (x100)"], abs=0.011)
+    assert pd.isna(df.loc[ids["baseline"], delta])  # a baseline is not compared with itself
+    assert pd.isna(df.loc[ids["stale"], delta])  # another benchmark version: no comparable baseline
+    # Per-benchmark deltas on request.
+    next(w for w in app.selectbox if w.label == "Change against the base model").set_value("every column").run()
+    df = app.dataframe[0].value.set_index("run_id")
+    reg = Registry(path)
+    expected = 100 * (_value(reg, ids["trained"], "autorag-ko", "f1", 3)
+                      - _value(reg, ids["baseline"], "autorag-ko", "f1", 3))
+    assert df.loc[ids["trained"], "Δ autorag-ko F1@3 (x100)"] == pytest.approx(expected, abs=0.006)
+
+
+def test_run_view_metrics_before_spec(app, demo):
+    """Problem 4: the run page shows the metrics (x100) first and the long spec after, folded away."""
+    path, ids = demo
+    app.sidebar.radio[0].set_value("Run").run()
+    app.selectbox(key="run_page").set_value(f"e5-small-ko-ft ({ids['trained']})").run()
+    assert not app.exception
+    order = list(_in_order(app.main))
+    metrics_at = next(i for i, e in enumerate(order) if getattr(e, "type", None) == "dataframe"
+                      and {"benchmark", "metric"} <= set(e.value.columns))
+    spec_at = next(i for i, e in enumerate(order) if getattr(e, "type", None) == "code"
+                   and "name: e5-small-ko-ft" in e.value)
+    assert metrics_at < spec_at
+    assert any("name: e5-small-ko-ft" in c.value for e in app.expander for c in e.code)  # in an expander
+    table = order[metrics_at].value
+    reg = Registry(path)
+    row = table[(table["benchmark"] == "autorag-ko") & (table["metric"] == "NDCG@10")]
+    assert row["value (x100)"].tolist() == pytest.approx([100 * _value(reg, ids["trained"], "autorag-ko", "ndcg", 10)],
+                                                      abs=0.006)  # two decimals
+
+
+def test_training_curves_every_logged_row(richer_app, richer):
+    """Problem 5: every logged row is drawn, the first included, whatever steps other runs logged; a run
+    with fewer than 2 rows gets a message instead of an empty chart."""
+    path, ids = richer
+    app = richer_app
+    app.sidebar.radio[0].set_value("Training curves").run()
+    labels = {role: f"{name} ({ids[role]})" for role, name in
+              (("trained", "e5-small-ko-ft"), ("log4", "log-every-4"), ("short", "short-run"))}
+    runs = next(w for w in app.multiselect if w.label == "Runs")
+    runs.set_value(list(labels.values())).run()
+    assert not app.exception
+    charts = _charts(app)
+    assert len(charts) == 4  # loss, lr, throughput, margin
+    for chart in charts:
+        (mark, data), = [(m, d) for m, d in _chart_layers(chart) if m == "line"]
+        assert not data.isna().any().any(), data  # a missing value breaks the line: runs must not share rows
+    (_, loss), = [(m, d) for m, d in _chart_layers(charts[0]) if m == "line"]
+    steps = {run: sorted(g["step"]) for run, g in loss.groupby(loss.columns[loss.columns.str.contains("run")][0])}
+    assert steps[labels["log4"]] == [4, 8, 12]  # from the first logged row
+    assert steps[labels["trained"]] == list(range(1, 21))
+    assert labels["short"] not in steps
+    assert any("short-run" in i.value and "fewer than 2" in i.value for i in app.info)

@@ -47,6 +47,10 @@ def test_quickstart_trains_evaluates_and_records(quickstart):
     assert metrics[("ko-sample", "ndcg", 10)] > base[("ko-sample", "ndcg", 10)] + 0.03
     kinds = {a["kind"] for a in trained["artifacts"]}
     assert {"model", "per_query", "run_dir"} <= kinds
+    # The training log has the first step, every log_every (10) steps and the last: curves start at step 1.
+    run_dir = next(Path(a["path"]) for a in trained["artifacts"] if a["kind"] == "run_dir")
+    logged = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert logged == [1, 10, 20, 30]
     # DeepSpeed's per-run notices (no GPU detected, an op built) are not shown.
     assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr
     assert "built successfully" not in proc.stdout + proc.stderr

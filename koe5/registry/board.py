@@ -13,32 +13,88 @@ import json
 import pandas as pd
 import yaml
 
-from koe5.registry.store import Registry
+from koe5.registry.store import METRICS, Registry
+from koe5.spec.diff import flatten
 
-# The original KoE5 leaderboard columns: (metric, k), shown ×100 with two decimals.
-TABLE_METRICS = (("ndcg", 1), ("f1", 1), ("ndcg", 3), ("f1", 3))
+# The default leaderboard columns, (metric, k): the original KoE5 four, then NDCG@10, MTEB's main
+# retrieval score. Any recorded metric@k can be picked instead (metric_options).
+TABLE_METRICS = (("ndcg", 1), ("f1", 1), ("ndcg", 3), ("f1", 3), ("ndcg", 10))
 CURVES = ("loss", "lr", "triples_per_s", "margin")
-# The C parser is ~10x faster, which matters when the main page reads 1,000 specs for their model name.
+# The registry holds fractions in [0, 1]; every number a person reads here is x100, and its header says so.
+X100 = " (x100)"
+METRIC_NAMES = {"ndcg": "NDCG", "recall": "Recall", "precision": "Precision", "f1": "F1", "mrr": "MRR", "map": "MAP"}
+# How much of the change against the base model the table shows (leaderboard's `deltas`).
+DELTA_MODES = ("averages", "every column", "none")
+# The C parser is ~10x faster, which matters when the main page reads 1,000 specs.
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def model_of(spec_yaml: str) -> str | None:
+def metric_label(metric: str, k: int) -> str:
+    """'ndcg', 10 -> 'NDCG@10' (the picker's and the column headers' spelling)."""
+    return f"{METRIC_NAMES.get(metric, metric.upper())}@{k}"
+
+
+def parse_metric_label(label: str) -> tuple[str, int]:
+    name, k = label.rsplit("@", 1)
+    lower = {v: m for m, v in METRIC_NAMES.items()}
+    return lower.get(name, name.lower()), int(k)
+
+
+def metric_options(metrics: pd.DataFrame) -> list[str]:
+    """Every recorded metric@k as a label, by metric (koe5's order) then k as a number."""
+    order = {m: i for i, m in enumerate(METRICS)}
+    pairs = sorted(set(zip(metrics["metric"], metrics["k"].astype(int))),
+                   key=lambda p: (order.get(p[0], len(order)), p[0], p[1]))
+    return [metric_label(m, k) for m, k in pairs]
+
+
+def flat_spec(spec_yaml: str | None) -> dict:
+    """The resolved spec as {key path: value} ('train.lr': 2e-05); {} for text that is not a YAML mapping."""
     try:
-        spec = yaml.load(spec_yaml, Loader=SAFE_LOADER) or {}
+        spec = yaml.load(spec_yaml or "", Loader=SAFE_LOADER)
     except yaml.YAMLError:
-        return None
-    model = spec.get("model") if isinstance(spec, dict) else None
-    return model.get("name_or_path") if isinstance(model, dict) else None
+        return {}
+    return flatten(spec) if isinstance(spec, dict) else {}
+
+
+def model_of(spec_yaml: str) -> str | None:
+    return flat_spec(spec_yaml).get("model.name_or_path")
 
 
 def load_runs(reg: Registry) -> pd.DataFrame:
-    """One row per run with the columns the filters need (status is the effective one: crashed shows)."""
+    """One row per run with the columns the filters need (status is the effective one: crashed shows), and
+    `spec`, the flattened spec, parsed once here for the model name and the spec columns."""
     runs = reg.list_runs()
     cols = ["run_id", "name", "kind", "status", "created_at", "tags", "sweep_id", "sweep_values", "spec_yaml", "error"]
     df = pd.DataFrame([{c: r.get(c) for c in cols} for r in runs], columns=cols)
-    df["model"] = [model_of(y) for y in df["spec_yaml"]]
+    df["spec"] = [flat_spec(y) for y in df["spec_yaml"]]
+    df["model"] = [s.get("model.name_or_path") for s in df["spec"]]
     df["tags"] = [t or [] for t in df["tags"]]
     return df
+
+
+def spec_key_options(runs: pd.DataFrame) -> list[str]:
+    """Every key path found in the runs' specs, sorted."""
+    return sorted({k for s in runs["spec"] for k in s})
+
+
+def spec_columns(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One column per key path with each run's value (blank where its spec lacks the key), index run_id.
+
+    A column stays numeric when every value is a number, so it sorts as one; anything else (strings,
+    lists, mixed) is shown as text, because a table column must hold one type.
+    """
+    out = pd.DataFrame(index=runs["run_id"])
+    for key in keys:
+        values = [s.get(key) for s in runs["spec"]]
+        present = [v for v in values if v is not None]
+        if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+            out[key] = pd.array(values, dtype="Int64")  # stays 64, not 64.0, beside blanks
+        elif present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+            out[key] = pd.array(values, dtype="Float64")
+        else:
+            out[key] = [None if v is None else str(v) for v in values]
+    return out
 
 
 def load_metrics(reg: Registry) -> pd.DataFrame:
@@ -51,6 +107,11 @@ def load_metrics(reg: Registry) -> pd.DataFrame:
 
 
 def load_train_log(reg: Registry, run_ids: list[str]) -> pd.DataFrame:
+    """Every logged row of these runs, one per (run, step), oldest step first.
+
+    The registry keeps each line of the run's train_log.jsonl as it is (a repeated step: the later line).
+    The trainer writes a line at the first step, every train.log_every steps and at the last step.
+    """
     cols = ["run_id", "step", *CURVES]
     if not run_ids:
         return pd.DataFrame(columns=cols)
@@ -81,57 +142,154 @@ def stale_mask(metrics: pd.DataFrame) -> pd.Series:
     return ident != metrics["benchmark"].map(reference)
 
 
-def leaderboard(runs: pd.DataFrame, metrics: pd.DataFrame, benchmarks: list[str] | None = None
-                ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(table, stale): rows = runs, columns 'BENCH NDCG@1' ... plus 'Avg NDCG@1' ...; values ×100.
+def column_name(bench: str, metric: str, k: int) -> str:
+    """'ko-strategyqa NDCG@1 (x100)'; bench 'Avg' names the average over the chosen benchmarks."""
+    return f"{bench} {metric_label(metric, k)}{X100}"
 
-    `stale` has the table's shape and is True where a cell is not comparable with the rest of its column.
-    An average is given only for runs with a comparable value on every chosen benchmark.
+
+def base_runs(runs: pd.DataFrame, all_runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
+    """Each run's base model per benchmark, as columns run_id, benchmark, base_id.
+
+    The base is a finished `baseline` run (an evaluation of the untrained model) of the same
+    model.name_or_path on the same benchmark with the same fingerprint and evaluator version, so the two
+    numbers are comparable; the newest one if there are several. Baselines themselves get none: the only
+    candidates would be themselves or another evaluation of the same untrained model. Bases are looked
+    for in `all_runs`, so a filter that hides the baselines keeps the deltas.
     """
-    wanted = pd.DataFrame(TABLE_METRICS, columns=["metric", "k"])
-    m = metrics[metrics["run_id"].isin(runs["run_id"])].merge(wanted, on=["metric", "k"])
-    if benchmarks is not None:
-        m = m[m["benchmark"].isin(benchmarks)]
-    m = m.assign(stale=stale_mask(m).values if not m.empty else [],
-                 column=m["benchmark"] + " " + m["metric"].str.upper() + "@" + m["k"].astype(str))
-    benches = sorted(m["benchmark"].unique()) if benchmarks is None else [b for b in benchmarks if b in set(m["benchmark"])]
-    value_cols = [f"{b} {name.upper()}@{k}" for b in benches for name, k in TABLE_METRICS]
-    avg_cols = [f"Avg {name.upper()}@{k}" for name, k in TABLE_METRICS] if benches else []
+    ident = ["benchmark", "fingerprint", "evaluator_version"]
+    evaluated = metrics[["run_id", *ident]].fillna("").drop_duplicates()
+    trained = runs.loc[runs["kind"] != "baseline", ["run_id", "model"]].dropna(subset=["model"])
+    bases = all_runs.loc[(all_runs["kind"] == "baseline") & (all_runs["status"] == "finished"),
+                         ["run_id", "model", "created_at"]].dropna(subset=["model"])
+    bases = bases.rename(columns={"run_id": "base_id"})
+    pairs = trained.merge(evaluated, on="run_id").merge(
+        bases.merge(evaluated.rename(columns={"run_id": "base_id"}), on="base_id"), on=["model", *ident])
+    pairs = pairs.sort_values("created_at", kind="stable").drop_duplicates(["run_id", "benchmark"], keep="last")
+    return pairs[["run_id", "benchmark", "base_id"]]
 
-    base = runs.set_index("run_id")[["name", "kind", "status", "model"]]
+
+def leaderboard(runs: pd.DataFrame, metrics: pd.DataFrame, benchmarks: list[str] | None = None,
+                metric_keys=TABLE_METRICS, spec_keys=(), all_runs: pd.DataFrame | None = None,
+                deltas: str = "averages") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(table, stale): one row per run, best first.
+
+    Columns: run_id, name, kind, status, model, the chosen `spec_keys` (spec_columns), then for every
+    benchmark and (metric, k) of `metric_keys` 'BENCH NDCG@1 (x100)' ..., then 'Avg NDCG@1 (x100)' ...;
+    values x100 with two decimals. `deltas` ('averages', 'every column' or 'none', see DELTA_MODES) adds
+    'Δ <column>' right after those columns: the run minus its base model (base_runs, looked for in
+    `all_runs`, default `runs`), x100.
+
+    `stale` has the table's shape and is True where a cell is not comparable with the rest of its column
+    (a Δ cell is stale with its value). An average, and the Δ of an average, is given only for runs with
+    a comparable value (and a base) on every chosen benchmark.
+    """
+    metric_keys = [(name, int(k)) for name, k in metric_keys]
+    wanted = pd.DataFrame(metric_keys, columns=["metric", "k"])
+    chosen = metrics.astype({"k": int}).merge(wanted, on=["metric", "k"])
+    if benchmarks is not None:
+        chosen = chosen[chosen["benchmark"].isin(benchmarks)]
+    m = chosen[chosen["run_id"].isin(runs["run_id"])]
+    m = m.assign(stale=stale_mask(m).values if not m.empty else [],
+                 column=[column_name(b, name, k) for b, name, k in zip(m["benchmark"], m["metric"], m["k"])])
+    benches = sorted(m["benchmark"].unique()) if benchmarks is None else [b for b in benchmarks if b in set(m["benchmark"])]
+    per_bench = {(name, k): [column_name(b, name, k) for b in benches] for name, k in metric_keys}
+    value_cols = [column_name(b, name, k) for b in benches for name, k in metric_keys]
+    avg_cols = {(name, k): column_name("Avg", name, k) for name, k in metric_keys} if benches else {}
+
+    base = runs.set_index("run_id")[["name", "kind", "status", "model"]].join(spec_columns(runs, list(spec_keys)))
     values = m.pivot_table(index="run_id", columns="column", values="value", aggfunc="last") * 100
     stale = m.pivot_table(index="run_id", columns="column", values="stale", aggfunc="max")
     values = values.reindex(index=base.index, columns=value_cols)
     stale = stale.reindex(index=base.index, columns=value_cols).fillna(False).astype(bool)
-    for (name, k), col in zip(TABLE_METRICS, avg_cols):
-        cols = [f"{b} {name.upper()}@{k}" for b in benches]
+    for key, col in avg_cols.items():
+        cols = per_bench[key]
         comparable = values[cols].notna().all(axis=1) & ~stale[cols].any(axis=1)
         values[col] = values[cols].mean(axis=1).where(comparable)
         stale[col] = False
-    table = base.join(values.round(2))
-    stale = pd.DataFrame(False, index=base.index, columns=list(base.columns)).join(stale)
+
+    order = value_cols + list(avg_cols.values())
+    if deltas != "none" and order:
+        change = _changes(m, chosen, base_runs(runs, runs if all_runs is None else all_runs, chosen))
+        change = change.reindex(index=base.index, columns=value_cols)
+        for key, col in avg_cols.items():
+            cols = per_bench[key]
+            change[col] = change[cols].mean(axis=1).where(values[col].notna() & change[cols].notna().all(axis=1))
+        shown = list(avg_cols.values()) if deltas == "averages" else order
+        for col in shown:
+            values["Δ " + col] = change[col]
+            stale["Δ " + col] = stale[col]
+        # Each Δ right after the column it belongs to.
+        order = [c for col in order for c in ([col, "Δ " + col] if col in shown else [col])]
+
+    table = base.join(values[order].round(2))
+    stale = pd.DataFrame(False, index=base.index, columns=list(base.columns)).join(stale[order])
     if avg_cols:  # best first, runs without a comparable average last
-        table = table.sort_values(avg_cols[0], ascending=False, na_position="last", kind="stable")
+        table = table.sort_values(next(iter(avg_cols.values())), ascending=False, na_position="last", kind="stable")
         stale = stale.loc[table.index]
     table, stale = table.reset_index(), stale.reset_index()
     stale["run_id"] = False
     return table, stale
 
 
+def _changes(m: pd.DataFrame, chosen: pd.DataFrame, bases: pd.DataFrame) -> pd.DataFrame:
+    """Run minus base model (x100) per run and leaderboard column; m: the shown runs' metric rows with
+    their `column`, chosen: every run's rows (the bases' values), bases: base_runs."""
+    base_values = chosen.rename(columns={"run_id": "base_id", "value": "base_value"})[
+        ["base_id", "benchmark", "metric", "k", "base_value"]]
+    d = m.merge(bases, on=["run_id", "benchmark"]).merge(base_values, on=["base_id", "benchmark", "metric", "k"])
+    if d.empty:
+        return pd.DataFrame()
+    d = d.assign(change=(d["value"] - d["base_value"]) * 100)
+    return d.pivot_table(index="run_id", columns="column", values="change", aggfunc="last")
+
+
+def _metric_x100(metrics: pd.DataFrame, run_id: str, metric: str, k: int, benchmarks: list[str]) -> float | None:
+    """A run's metric x100, the mean over `benchmarks`; None unless it has all of them."""
+    m = metrics[(metrics["run_id"] == run_id) & (metrics["metric"] == metric) & (metrics["k"] == k)
+                & metrics["benchmark"].isin(benchmarks)]
+    return m["value"].mean() * 100 if set(m["benchmark"]) == set(benchmarks) and benchmarks else None
+
+
 def sweep_points(runs: pd.DataFrame, metrics: pd.DataFrame, sweep_id: str, key: str, metric: str, k: int,
                  benchmark: str | None) -> pd.DataFrame:
-    """One row per run of the sweep: the swept value of `key` and the metric (×100; mean over benchmarks if None)."""
-    from koe5.spec.diff import flatten
-
+    """One row per trained run of the sweep: the swept value of `key` and the metric (x100; mean over
+    benchmarks if None). The sweep's baselines are not points: their x is whatever their spec says, so
+    they would jump the line; sweep_baselines gives them as reference values."""
+    label = metric_label(metric, k) + X100
     rows = []
-    for r in runs[runs["sweep_id"] == sweep_id].itertuples():
-        values = r.sweep_values if isinstance(r.sweep_values, dict) else flatten(yaml.safe_load(r.spec_yaml) or {})
+    members = runs[(runs["sweep_id"] == sweep_id) & (runs["kind"] != "baseline")]
+    for r in members.itertuples():
+        values = r.sweep_values if isinstance(r.sweep_values, dict) else r.spec
         m = metrics[(metrics["run_id"] == r.run_id) & (metrics["metric"] == metric) & (metrics["k"] == k)]
         if benchmark:
             m = m[m["benchmark"] == benchmark]
         if key in values and not m.empty:
-            rows.append({"run_id": r.run_id, key: values[key], f"{metric.upper()}@{k}": m["value"].mean() * 100})
-    return pd.DataFrame(rows).sort_values(key) if rows else pd.DataFrame(columns=["run_id", key, f"{metric.upper()}@{k}"])
+            rows.append({"run_id": r.run_id, "name": r.name, key: values[key], label: m["value"].mean() * 100})
+    return pd.DataFrame(rows).sort_values(key) if rows else pd.DataFrame(columns=["run_id", "name", key, label])
+
+
+def sweep_baselines(runs: pd.DataFrame, metrics: pd.DataFrame, sweep_id: str, metric: str, k: int,
+                    benchmark: str | None) -> pd.DataFrame:
+    """The untrained model as reference values for a sweep plot: run_id, name, 'METRIC@k (x100)'.
+
+    koe5-run records the base model's evaluation with the sweep's id; a sweep without one falls back to
+    the newest finished baseline of the model its runs trained (when they all trained one model). The
+    value averages the same benchmarks as the sweep's points, and a baseline lacking one is left out.
+    """
+    label = metric_label(metric, k) + X100
+    members = runs[runs["sweep_id"] == sweep_id]
+    found = members[members["kind"] == "baseline"]
+    models = set(members.loc[members["kind"] != "baseline", "model"].dropna())
+    if found.empty and len(models) == 1:
+        same = runs[(runs["kind"] == "baseline") & (runs["status"] == "finished") & (runs["model"] == models.pop())]
+        found = same.sort_values("created_at", kind="stable").tail(1)
+    trained = metrics[metrics["run_id"].isin(members.loc[members["kind"] != "baseline", "run_id"])
+                      & (metrics["metric"] == metric) & (metrics["k"] == k)]
+    benches = [benchmark] if benchmark else sorted(trained["benchmark"].unique())
+    rows = [{"run_id": r.run_id, "name": r.name, label: _metric_x100(metrics, r.run_id, metric, k, benches)}
+            for r in found.itertuples()]
+    rows = [r for r in rows if r[label] is not None]
+    return pd.DataFrame(rows, columns=["run_id", "name", label])
 
 
 def sweep_keys(reg: Registry, runs: pd.DataFrame, sweep_id: str) -> list[str]:

@@ -186,7 +186,8 @@ class TrainSpec:
         "Keep the word-embedding matrix fixed (positions, layers and norms still train). For multilingual-e5 it "
         "holds most parameters (96M of mE5-small's 118M), nearly all rows of which a Korean batch never "
         "touches, so freezing it removes most of the gradient, optimizer memory and update time.", False)
-    log_every: int = doc("Write a diagnostics row every this many steps.", 10, resume_safe=True)
+    log_every: int = doc("Write a diagnostics row every this many steps (and at the first and last step).", 10,
+                         resume_safe=True)
     save_every: Optional[int] = doc(
         "Write a checkpoint (weights, optimizer, scheduler, RNG states, step) every this many steps; null "
         "writes none. A run killed after a checkpoint resumes from it exactly.", None, resume_safe=True)

@@ -2,7 +2,7 @@
 
 It never touches the registry. It writes into the run directory, which the orchestrator (koe5/run.py)
 folds into the registry:
-    train_log.jsonl     one diagnostics row every train.log_every steps (rank 0)
+    train_log.jsonl     one diagnostics row at the first step, every train.log_every steps and at the last (rank 0)
     checkpoints/        every train.save_every steps (koe5/train/checkpoint.py); a restart resumes from them
     data_mix.json       examples and tokens drawn per source
     model/              the exported sentence-transformers + Hugging Face model
@@ -211,7 +211,8 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
         window_tokens += n_tokens * world
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss:.4f}")
-        if rank == 0 and ((step + 1) % spec.train.log_every == 0 or step + 1 == total_steps):
+        # The first step too, so a curve starts where training does (its speed includes the warm-up).
+        if rank == 0 and ((step + 1) % spec.train.log_every == 0 or step == 0 or step + 1 == total_steps):
             now = time.perf_counter()
             norm = grad_norm[0] if grad_norm is not None else engine.get_global_grad_norm()
             row = {
