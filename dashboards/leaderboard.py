@@ -15,9 +15,10 @@ import pandas as pd
 import streamlit as st
 
 from koe5.registry import Registry, RegistryError
-from koe5.registry.board import (CURVES, DELTA_MODES, TABLE_METRICS, X100, column_name, leaderboard, load_metrics,
-                                 load_runs, load_train_log, metric_label, metric_options, parse_metric_label,
-                                 runs_with_train_log, spec_key_options, sweep_baselines, sweep_keys, sweep_points)
+from koe5.registry.board import (CURVES, DELTA_MODES, TABLE_METRICS, X100, candidate_benchmark_paths, column_name,
+                                 flat_spec, leaderboard, load_metrics, load_runs, load_train_log, metric_label,
+                                 metric_options, parse_metric_label, runs_with_train_log, spec_key_options,
+                                 sweep_baselines, sweep_keys, sweep_points, wins_losses, with_texts)
 from koe5.registry.commands import per_query_metric_columns, run_per_query
 from koe5.registry.store import METRICS
 from koe5.spec.diff import diff_yaml
@@ -96,13 +97,45 @@ def view_leaderboard(runs: pd.DataFrame, metrics: pd.DataFrame, benches: list[st
     flags = stale[numeric].to_numpy()
     shown["stale"] = ["† " + ", ".join(c for c, f in zip(numeric, row) if f) if row.any() else "" for row in flags]
     formats = {c: "{:+.2f}" if c.startswith("Δ ") else "{:.2f}" for c in numeric}
+    formats.update({"params (M)": "{:,.2f}", "train time (min)": "{:,.1f}"})
     styled = shown.style.apply(style, axis=0).format(formats, na_rep="–")
-    st.dataframe(styled, hide_index=True, width="stretch")
+    # The name stays in sight while the table scrolls sideways (the averages come right after it).
+    # placeholder: Streamlit shows a missing cell as "None" whatever the Styler's na_rep says.
+    st.dataframe(styled, hide_index=True, width="stretch", placeholder="–",
+                 column_config={"name": st.column_config.Column(pinned=True)})
+    st.caption("params (M) and embedding dim: from the run's model directory (its exported model, or the local "
+               "model a baseline evaluated); train time: the training loop's last logged elapsed time; device: as "
+               "recorded by the run. Blank where the registry does not know.")
     avg = column_name("Avg", *metric_keys[0]) if metric_keys else None
     if avg in table and table[avg].notna().any():
         top = table.loc[table[avg].idxmax()]
         st.markdown(f"Best by {avg}: **{top['name']}** (`{top['run_id']}`, {top['kind']}) — {top[avg]:.2f}")
+        quality_plots(table, avg)
     st.caption(f"{len(table)} runs: " + ", ".join(f"{n} {k}" for k, n in table["kind"].value_counts().items()))
+
+
+def quality_chart(table: pd.DataFrame, x: str, y: str, log_x: bool) -> alt.Chart:
+    """One point per run: quality `y` against cost `x`, as MTEB's leaderboard plots score against size.
+    Columns renamed to plain names (Vega-Lite reads '.' and '[' in a field name as a path)."""
+    data = pd.DataFrame({"x": table[x].astype(float), "y": table[y].astype(float), "run": table["name"],
+                         "kind": table["kind"]})
+    scale = alt.Scale(type="log") if log_x else alt.Undefined
+    return alt.Chart(data).mark_circle(size=80).encode(
+        x=alt.X("x:Q", title=x, scale=scale, axis=alt.Axis(format="~g")),
+        y=alt.Y("y:Q", title=y, scale=alt.Scale(zero=False), axis=alt.Axis(format=".1f")),
+        color=alt.Color("kind:N", title="kind"), tooltip=["run:N", "kind:N", "x:Q", "y:Q"])
+
+
+def quality_plots(table: pd.DataFrame, avg: str) -> None:
+    """The first chosen metric's average against model size and against training time, over the runs that
+    have both numbers (a run with a blank size or time is left out, not put at zero)."""
+    for col, (x, log_x) in zip(st.columns(2), (("params (M)", True), ("train time (min)", False))):
+        known = table[table[avg].notna() & table[x].notna()] if x in table else table.iloc[:0]
+        col.markdown(f"**{avg} against {x}**")
+        if known.empty:
+            col.info(f"No shown run has both {avg} and a known {x}.")
+        else:
+            col.altair_chart(quality_chart(known, x, avg, log_x), width="stretch")
 
 
 def sweep_chart(points: pd.DataFrame, baselines: pd.DataFrame, key: str, label: str) -> alt.Chart:
@@ -197,7 +230,7 @@ def run_metrics_table(rows: list[dict]) -> pd.DataFrame:
                          "fingerprint": df["fingerprint"], "evaluator": df["evaluator_version"]})
 
 
-def view_run(reg: Registry, runs: pd.DataFrame) -> None:
+def view_run(reg: Registry, runs: pd.DataFrame, all_runs: pd.DataFrame) -> None:
     st.subheader("Run")
     if runs.empty:
         st.info("No runs.")
@@ -235,13 +268,93 @@ def view_run(reg: Registry, runs: pd.DataFrame) -> None:
         return
     c1, c2 = st.columns(2)
     col = c1.selectbox("Misses by", cols, key="miss_metric")
+    bench = None
     if "benchmark" in per_query.columns:
         bench = c2.selectbox("Benchmark", sorted(per_query["benchmark"].unique()), key="miss_benchmark")
         per_query = per_query[per_query["benchmark"] == bench]
+    found, note = find_benchmark(run, all_runs, bench, per_query)
+    texts = (lambda df: with_texts(df, found)) if found is not None else (lambda df: df)
     misses = per_query[per_query[col] == 0]
     st.markdown(f"**Queries missed** ({len(misses)} of {per_query[col].notna().sum()} with {col} = 0)")
-    st.dataframe(misses.assign(**{c: misses[c] * 100 for c in cols}).rename(columns={c: c + X100 for c in cols}),
-                 hide_index=True)
+    st.caption(note + " The per-query file records the rank of the first relevant passage (first_relevant_rank) "
+               "but does not record which passage was retrieved at rank 1, so that passage is not shown.")
+    st.dataframe(x100(texts(misses), cols), hide_index=True)
+    wins_view(reg, run, runs, labels, per_query, col, bench, texts)
+
+
+def x100(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    """Per-query metric columns x100, their headers saying so."""
+    cols = [c for c in cols if c in df.columns]
+    return df.assign(**{c: df[c] * 100 for c in cols}).rename(columns={c: c + X100 for c in cols})
+
+
+@st.cache_data(ttl=300, show_spinner=False, max_entries=8)
+def cached_benchmark(path: str, name: str):
+    """The benchmark folder's content, or the reason it cannot be read (kept for 5 minutes: a benchmark's
+    files do not change under a run, and reading a large corpus takes seconds)."""
+    from koe5.eval.benchmark import BenchmarkError, load_benchmark
+
+    try:
+        return load_benchmark(path, name)
+    except (BenchmarkError, OSError) as e:
+        return str(e)
+
+
+def find_benchmark(run: dict, all_runs: pd.DataFrame, bench: str | None, per_query: pd.DataFrame):
+    """(the benchmark these per-query rows were scored on, or None; a sentence saying where the texts come from
+    or why there are none). Only a folder with the per-query file's fingerprint is taken: same content as
+    evaluated, so a query id maps to the text the model saw."""
+    name = bench or run["name"]
+    fingerprints = set(per_query["fingerprint"].dropna()) if "fingerprint" in per_query.columns else set()
+    paths = candidate_benchmark_paths(flat_spec(run["spec_yaml"]), all_runs, name)
+    if not paths:
+        return None, f"No spec records where benchmark {name!r} is (eval.benchmarks[].path), so no texts are shown."
+    problems = []
+    for path in paths:
+        loaded = cached_benchmark(path, name)
+        if isinstance(loaded, str):
+            problems.append(loaded)
+        elif not fingerprints or loaded.fingerprint in fingerprints:
+            return loaded, f"Texts from {path}."
+        else:
+            problems.append(f"{path} now holds other content (fingerprint {loaded.fingerprint}, evaluated: "
+                            f"{', '.join(sorted(fingerprints))})")
+    return None, "No texts shown: " + "; ".join(problems) + "."
+
+
+def wins_view(reg: Registry, run: dict, runs: pd.DataFrame, labels: list[str], per_query: pd.DataFrame, col: str,
+              bench: str | None, texts) -> None:
+    """This run against another run with per-query results, query by query, on the chosen metric and benchmark."""
+    with_results = runs_with_per_query(str(reg.path))
+    others = [l for l, rid in zip(labels, runs["run_id"]) if rid in with_results and rid != run["run_id"]]
+    if not others:
+        st.caption("No other run has per-query results to compare with.")
+        return
+    other_label = st.selectbox("Wins and losses against", others, key="wins_against")
+    other = run_per_query(reg.get_run(runs.iloc[labels.index(other_label)]["run_id"]))
+    if bench is not None and "benchmark" in other.columns:
+        other = other[other["benchmark"] == bench]
+    if col not in other.columns or other.empty:
+        st.info(f"{other_label} has no per-query {col}" + (f" on {bench}." if bench else "."))
+        return
+    table = wins_losses(per_query, other, col)
+    counts = table["outcome"].value_counts()
+    st.markdown(f"**Wins and losses** against {other_label} by {col}" + (f" on {bench}" if bench else "")
+                + f": {counts.get('win', 0)} wins, {counts.get('loss', 0)} losses, {counts.get('tie', 0)} ties")
+    decided = table[table["outcome"] != "tie"].sort_values(["outcome", "qid"], kind="stable")
+    shown = texts(decided).rename(columns={"this": f"this run {col}{X100}", "other": f"other run {col}{X100}"})
+    st.dataframe(shown.assign(**{c: shown[c] * 100 for c in shown.columns if c.endswith(X100)}), hide_index=True)
+    st.caption("Queries where the two runs differ (losses first); ties are counted but not listed. Queries "
+               "without a relevant passage have no value and are left out.")
+
+
+@st.cache_data(ttl=TTL_S, show_spinner=False)
+def runs_with_per_query(path: str) -> set[str]:
+    try:
+        _, rows = Registry(path).query("SELECT DISTINCT run_id FROM artifacts WHERE kind = 'per_query'")
+    except RegistryError:
+        return set()
+    return {r[0] for r in rows}
 
 
 def main() -> None:
@@ -265,7 +378,7 @@ def main() -> None:
         elif view == "Training curves":
             view_curves(reg, runs)
         else:
-            view_run(reg, runs)
+            view_run(reg, runs, all_runs)
     except RegistryError as e:
         st.error(str(e))
 

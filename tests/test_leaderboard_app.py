@@ -354,3 +354,177 @@ def test_training_curves_every_logged_row(richer_app, richer):
     assert steps[labels["trained"]] == list(range(1, 21))
     assert labels["short"] not in steps
     assert any("short-run" in i.value and "fewer than 2" in i.value for i in app.info)
+
+
+# --- Size and cost, query texts, wins and losses, averages first. A third registry: the demo plus an exported
+# model directory, a baseline of a local model directory, devices, and a small benchmark on disk whose
+# queries and passages the run page can show.
+
+def _model_dir(path: Path, hidden: int, rows: int) -> Path:
+    """A model directory as koe5's export writes it, as far as the leaderboard reads it: config.json and
+    weights in safetensors (shapes [rows, hidden] and [hidden]: rows * hidden + hidden parameters)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": hidden}))
+    save_file({"embeddings.weight": np.zeros((rows, hidden), dtype=np.float32),
+               "pooler.bias": np.zeros(hidden, dtype=np.float32)}, str(path / "model.safetensors"))
+    return path
+
+
+def _mini_bench(path: Path) -> Path:
+    """A BEIR folder: query q{i} ("질문 i") has passage d{i} ("문서 i") as its one relevant passage."""
+    import json
+
+    (path / "qrels").mkdir(parents=True)
+    (path / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": f"문서 {i} 본문"},
+                                                          ensure_ascii=False) + "\n" for i in range(12)))
+    (path / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"질문 {i} 내용"},
+                                                           ensure_ascii=False) + "\n" for i in range(12)))
+    (path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n"
+                                             + "".join(f"q{i}\td{i}\t1\n" for i in range(12)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def costed(tmp_path_factory):
+    import json
+
+    import yaml
+
+    from koe5.eval.benchmark import load_benchmark
+    from koe5.registry.demo import spec_yaml
+
+    root = tmp_path_factory.mktemp("board_costed")
+    path = root / "reg.duckdb"
+    ids = make_demo_registry(path)
+    reg = Registry(path)
+    # The trained run exported its model (384-dim, 1000 x 384 + 384 parameters).
+    reg.add_artifact(ids["trained"], "model", str(_model_dir(root / "ft-model", 384, 1000)))
+    # A baseline of a local model directory: its size is known from the directory its spec names.
+    local = _model_dir(root / "local-model", 256, 500)
+    ids["local_base"] = reg.create_run("local-baseline", "hash-local", spec_yaml("local-baseline", model=str(local)),
+                                       kind="baseline", status="running",
+                                       provenance={"devices": ["NVIDIA H100 80GB HBM3"] * 2, "world_size": 2})
+    reg.add_metrics(ids["local_base"], "ko-strategyqa", {("ndcg", 1): 0.30}, fingerprint="ko-strategyqa-fp-v1",
+                    evaluator_version="1")
+    reg.add_metrics(ids["local_base"], "autorag-ko", {("ndcg", 1): 0.40}, fingerprint="autorag-ko-fp-v1",
+                    evaluator_version="1")
+    reg.set_status(ids["local_base"], "finished")
+
+    # Two runs evaluated on a benchmark on disk, with per-query results: A hits the odd queries at rank 1
+    # (f1@1), B the first six.
+    bench_dir = _mini_bench(root / "mini-bench")
+    fp = load_benchmark(str(bench_dir), "mini").fingerprint
+    for role, hit in (("text_a", lambda i: i % 2 == 1), ("text_b", lambda i: i < 6)):
+        spec = yaml.safe_dump({"name": f"mini-{role}", "model": {"name_or_path": "intfloat/multilingual-e5-small"},
+                               "eval": {"benchmarks": [{"name": "mini", "path": str(bench_dir)}]}})
+        ids[role] = reg.create_run(f"mini-{role}", f"hash-{role}", spec, status="running")
+        per_query = root / f"{role}.per_query-mini.jsonl"
+        per_query.write_text("".join(json.dumps({"benchmark": "mini", "fingerprint": fp, "qid": f"q{i}",
+                                                 "excluded": False, "first_relevant_rank": 1 if hit(i) else 2 + i,
+                                                 "f1@1": float(hit(i)), "ndcg@3": float(hit(i) or i % 3 == 1)})
+                                     + "\n" for i in range(12)))
+        reg.add_artifact(ids[role], "per_query", str(per_query))
+        reg.add_metrics(ids[role], "mini", {("ndcg", 1): 0.5}, fingerprint=fp, evaluator_version="1")
+        reg.set_status(ids[role], "finished")
+    return path, ids
+
+
+@pytest.fixture
+def costed_app(costed, monkeypatch) -> AppTest:
+    monkeypatch.setenv("KOE5_REGISTRY", str(costed[0]))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_size_and_cost_columns_and_plots(costed_app, costed):
+    """Problem 6: parameters, embedding dimension, training time and device per run where the registry
+    knows them (blank otherwise), and quality against size and against training time, as MTEB plots."""
+    path, ids = costed
+    app = costed_app
+    # The two benchmarks every demo run has (the mini benchmark's runs have no others, so no averages).
+    next(w for w in app.sidebar.multiselect if w.label == "Benchmarks").set_value(["ko-strategyqa", "autorag-ko"]).run()
+    df = app.dataframe[0].value.set_index("run_id")
+    size, dim, time_col, device = "params (M)", "embedding dim", "train time (min)", "device"
+    assert {size, dim, time_col, device} <= set(df.columns), list(df.columns)
+    # From the exported model: 1000 x 384 + 384 parameters, hidden_size 384; from its train log: 20 s.
+    assert df.loc[ids["trained"], size] == pytest.approx(0.38)
+    assert df.loc[ids["trained"], dim] == 384
+    assert df.loc[ids["trained"], time_col] == pytest.approx(20 / 60, abs=0.01)
+    assert df.loc[ids["trained"], device] == "cpu"
+    # A baseline of a local model directory: its size from there; no training; two identical GPUs.
+    assert df.loc[ids["local_base"], size] == pytest.approx(0.13)
+    assert df.loc[ids["local_base"], dim] == 256
+    assert pd.isna(df.loc[ids["local_base"], time_col])
+    assert df.loc[ids["local_base"], device] == "2× NVIDIA H100 80GB HBM3"
+    # Unknown: blank, never made up.
+    for col in (size, dim, time_col):
+        assert pd.isna(df.loc[ids["sweep16"], col])
+    assert not df.loc[ids["sweep16"], device]
+    charts = {c.proto.spec: c for c in _charts(app)}
+    by_size = [c for s, c in charts.items() if "params (M)" in s]
+    by_time = [c for s, c in charts.items() if "train time (min)" in s]
+    assert len(by_size) == 1 and len(by_time) == 1, list(charts)
+    (_, size_data), = [(m, d) for m, d in _chart_layers(by_size[0]) if m in ("point", "circle")]
+    assert sorted(size_data.select_dtypes("number").round(2).itertuples(index=False, name=None)) == sorted([
+        (0.38, df.loc[ids["trained"], "Avg NDCG@1 (x100)"]), (0.13, 35.0)])
+    (_, time_data), = [(m, d) for m, d in _chart_layers(by_time[0]) if m in ("point", "circle")]
+    assert len(time_data) == 1  # only the trained run has both a training time and an average
+
+
+def test_missed_queries_show_texts(costed_app, costed):
+    """Problem 7: a missed query shows its text and its relevant passage's text, read from the benchmark
+    the run's spec names; the per-query file does not record the rank-1 passage, and the page says so."""
+    path, ids = costed
+    app = costed_app
+    app.sidebar.radio[0].set_value("Run").run()
+    app.selectbox(key="run_page").set_value(f"mini-text_a ({ids['text_a']})").run()
+    app.selectbox(key="miss_metric").set_value("f1@1").run()
+    assert not app.exception
+    misses = next(d.value for d in app.dataframe if "qid" in d.value.columns)
+    assert sorted(misses["qid"]) == sorted(f"q{i}" for i in range(0, 12, 2))
+    row = misses.set_index("qid").loc["q4"]
+    assert row["query"] == "질문 4 내용"
+    assert row["relevant passage"] == "문서 4 본문"
+    texts = [m.value for m in app.markdown] + [c.value for c in app.caption]
+    assert any("rank 1" in t and "not record" in t for t in texts), texts
+
+
+def test_wins_and_losses_against_another_run(costed_app, costed):
+    """Problem 8: per query, this run against another chosen run by a chosen metric: wins, losses, ties."""
+    path, ids = costed
+    app = costed_app
+    app.sidebar.radio[0].set_value("Run").run()
+    app.selectbox(key="run_page").set_value(f"mini-text_a ({ids['text_a']})").run()
+    app.selectbox(key="miss_metric").set_value("f1@1").run()
+    app.selectbox(key="wins_against").set_value(f"mini-text_b ({ids['text_b']})").run()
+    assert not app.exception
+    # A hits the odd queries, B the first six: A wins 7, 9, 11, loses 0, 2, 4, ties the other six.
+    assert any("3 wins, 3 losses, 6 ties" in m.value for m in app.markdown), [m.value for m in app.markdown]
+    table = next(d.value for d in app.dataframe if "outcome" in d.value.columns)
+    outcome = table.set_index("qid")["outcome"]
+    assert sorted(outcome[outcome == "win"].index) == ["q11", "q7", "q9"]
+    assert sorted(outcome[outcome == "loss"].index) == ["q0", "q2", "q4"]
+    assert table.set_index("qid").loc["q7", "query"] == "질문 7 내용"
+
+
+def test_averages_before_per_benchmark_columns(app, demo):
+    """Problem 9: at 1500 px the averages were cut off: the run's name and the averages come first, before
+    the per-benchmark columns, and the name is pinned while scrolling sideways."""
+    import json
+
+    df = app.dataframe[0].value
+    cols = list(df.columns)
+    assert cols[0] == "name", cols
+    first_bench = min(i for i, c in enumerate(cols) if c.startswith(("ko-strategyqa", "autorag-ko")))
+    avgs = [i for i, c in enumerate(cols) if c.startswith("Avg ")]
+    assert avgs and max(avgs) < first_bench, cols
+    # The averages' Δ columns after every average: the five averages fit beside the name in 1500 px.
+    assert max(avgs) < min(i for i, c in enumerate(cols) if c.startswith("Δ ")), cols
+    config = json.loads(app.dataframe[0].proto.columns)
+    assert config.get("name", {}).get("pinned") is True, config

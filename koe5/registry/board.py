@@ -9,6 +9,10 @@ marked stale and is left out of every average.
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import yaml
@@ -25,6 +29,9 @@ X100 = " (x100)"
 METRIC_NAMES = {"ndcg": "NDCG", "recall": "Recall", "precision": "Precision", "f1": "F1", "mrr": "MRR", "map": "MAP"}
 # How much of the change against the base model the table shows (leaderboard's `deltas`).
 DELTA_MODES = ("averages", "every column", "none")
+# Size and cost of each run (size_cost), in the order the table shows them; blank where the registry does not
+# know the value.
+SIZE_COST = ("params (M)", "embedding dim", "train time (min)", "device")
 # The C parser is ~10x faster, which matters when the main page reads 1,000 specs.
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -63,14 +70,104 @@ def model_of(spec_yaml: str) -> str | None:
 
 def load_runs(reg: Registry) -> pd.DataFrame:
     """One row per run with the columns the filters need (status is the effective one: crashed shows), and
-    `spec`, the flattened spec, parsed once here for the model name and the spec columns."""
+    `spec`, the flattened spec, parsed once here for the model name and the spec columns; then the
+    SIZE_COST columns (size_cost)."""
     runs = reg.list_runs()
-    cols = ["run_id", "name", "kind", "status", "created_at", "tags", "sweep_id", "sweep_values", "spec_yaml", "error"]
+    cols = ["run_id", "name", "kind", "status", "created_at", "tags", "sweep_id", "sweep_values", "spec_yaml", "error",
+            "devices"]
     df = pd.DataFrame([{c: r.get(c) for c in cols} for r in runs], columns=cols)
     df["spec"] = [flat_spec(y) for y in df["spec_yaml"]]
     df["model"] = [s.get("model.name_or_path") for s in df["spec"]]
     df["tags"] = [t or [] for t in df["tags"]]
-    return df
+    return df.join(size_cost(reg, df), on="run_id")
+
+
+# ---- size and cost ---------------------------------------------------------------------------------
+
+def safetensors_params(model_dir: Path) -> int | None:
+    """Parameters of the weights in `model_dir`'s *.safetensors files (one file or shards), counted from the
+    files' JSON headers, so no weight is read; None without such files or with an unreadable one
+    (a pytorch_model.bin cannot be counted without loading it)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    try:
+        for file in files:
+            with open(file, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return total
+
+
+def embedding_dim(model_dir: Path) -> int | None:
+    """The sentence embedding's size: the pooling layer's word_embedding_dimension (koe5's export and
+    sentence-transformers write it), else the backbone's hidden_size (d_model for T5-like configs)."""
+    for file, keys in ((model_dir / "1_Pooling" / "config.json", ("word_embedding_dimension",)),
+                       (model_dir / "config.json", ("hidden_size", "d_model"))):
+        try:
+            config = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue
+        for key in keys:
+            if isinstance(config.get(key), int):
+                return config[key]
+    return None
+
+
+def model_dirs(reg: Registry, runs: pd.DataFrame) -> dict[str, Path]:
+    """{run_id: the directory holding the run's model}, for runs where one exists on this machine: the
+    exported model (artifact `model`), else `model/` in the run directory, else the spec's
+    model.name_or_path when it is an absolute local directory (a baseline evaluates that model; a
+    fine-tune keeps its base model's shape). A hub id is not looked up: that would need the network."""
+    try:
+        _, rows = reg.query("SELECT run_id, kind, path FROM artifacts WHERE kind IN ('model', 'run_dir') "
+                            "ORDER BY created_at")
+    except Exception:  # no registry file yet
+        rows = []
+    found: dict[str, dict[str, Path]] = {}
+    for run_id, kind, path in rows:  # the newest artifact of each kind wins
+        found.setdefault(run_id, {})[kind] = Path(path) / "model" if kind == "run_dir" else Path(path)
+    out = {}
+    for run_id, model in zip(runs["run_id"], runs["model"]):
+        candidates = [found.get(run_id, {}).get("model"), found.get(run_id, {}).get("run_dir")]
+        if isinstance(model, str) and model.startswith("/"):
+            candidates.append(Path(model))
+        directory = next((c for c in candidates if c is not None and c.is_dir()), None)
+        if directory is not None:
+            out[run_id] = directory
+    return out
+
+
+def device_summary(devices) -> str:
+    """A run's recorded devices in a few words: ["H100", "H100"] -> "2× H100"; "" when none is recorded."""
+    if not isinstance(devices, list) or not devices:
+        return ""
+    return ", ".join(name if n == 1 else f"{n}× {name}" for name, n in Counter(map(str, devices)).items())
+
+
+def size_cost(reg: Registry, runs: pd.DataFrame) -> pd.DataFrame:
+    """The SIZE_COST columns, index run_id: parameters (millions) and embedding dimension from the run's
+    model directory (model_dirs), training time from the train log's last elapsed_s (the training loop
+    only: no evaluation, no queueing; blank for a run that did not train), and the recorded devices."""
+    out = pd.DataFrame(index=pd.Index(runs["run_id"], name="run_id"))
+    params, dims = {}, {}
+    for run_id, directory in model_dirs(reg, runs).items():
+        params[run_id], dims[run_id] = safetensors_params(directory), embedding_dim(directory)
+    try:
+        _, rows = reg.query("SELECT run_id, max(elapsed_s) FROM train_log GROUP BY run_id")
+    except Exception:  # no registry file yet
+        rows = []
+    elapsed = {run_id: s for run_id, s in rows if s is not None}
+    out[SIZE_COST[0]] = pd.array([None if params.get(r) is None else round(params[r] / 1e6, 2) for r in out.index],
+                                 dtype="Float64")
+    out[SIZE_COST[1]] = pd.array([dims.get(r) for r in out.index], dtype="Int64")
+    out[SIZE_COST[2]] = pd.array([None if r not in elapsed else round(elapsed[r] / 60, 2) for r in out.index],
+                                 dtype="Float64")
+    out[SIZE_COST[3]] = [device_summary(d) for d in runs["devices"]]
+    return out
 
 
 def spec_key_options(runs: pd.DataFrame) -> list[str]:
@@ -173,11 +270,12 @@ def leaderboard(runs: pd.DataFrame, metrics: pd.DataFrame, benchmarks: list[str]
                 deltas: str = "averages") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(table, stale): one row per run, best first.
 
-    Columns: run_id, name, kind, status, model, the chosen `spec_keys` (spec_columns), then for every
-    benchmark and (metric, k) of `metric_keys` 'BENCH NDCG@1 (x100)' ..., then 'Avg NDCG@1 (x100)' ...;
-    values x100 with two decimals. `deltas` ('averages', 'every column' or 'none', see DELTA_MODES) adds
-    'Δ <column>' right after those columns: the run minus its base model (base_runs, looked for in
-    `all_runs`, default `runs`), x100.
+    Columns: name; 'Avg NDCG@1 (x100)' ... for every (metric, k) of `metric_keys`, then for every benchmark
+    'BENCH NDCG@1 (x100)' ...; the chosen `spec_keys` (spec_columns); the SIZE_COST columns when `runs`
+    has them; kind, status, model; run_id last. Metric values x100 with two decimals. The averages come
+    first so they stay in sight in a narrow window. `deltas` ('averages', 'every column' or 'none', see
+    DELTA_MODES) adds 'Δ <column>': the run minus its base model (base_runs, looked for in `all_runs`,
+    default `runs`), x100; the averages' Δ after the last average, a benchmark column's Δ right after it.
 
     `stale` has the table's shape and is True where a cell is not comparable with the rest of its column
     (a Δ cell is stale with its value). An average, and the Δ of an average, is given only for runs with
@@ -196,21 +294,26 @@ def leaderboard(runs: pd.DataFrame, metrics: pd.DataFrame, benchmarks: list[str]
     value_cols = [column_name(b, name, k) for b in benches for name, k in metric_keys]
     avg_cols = {(name, k): column_name("Avg", name, k) for name, k in metric_keys} if benches else {}
 
-    base = runs.set_index("run_id")[["name", "kind", "status", "model"]].join(spec_columns(runs, list(spec_keys)))
+    runs_by_id = runs.set_index("run_id")
+    # The size and cost columns when the runs carry them (load_runs adds them).
+    about = runs_by_id[[c for c in (*SIZE_COST, "kind", "status", "model") if c in runs_by_id.columns]]
+    spec = spec_columns(runs, list(spec_keys))
     values = m.pivot_table(index="run_id", columns="column", values="value", aggfunc="last") * 100
     stale = m.pivot_table(index="run_id", columns="column", values="stale", aggfunc="max")
-    values = values.reindex(index=base.index, columns=value_cols)
-    stale = stale.reindex(index=base.index, columns=value_cols).fillna(False).astype(bool)
+    values = values.reindex(index=runs_by_id.index, columns=value_cols)
+    stale = stale.reindex(index=runs_by_id.index, columns=value_cols).fillna(False).astype(bool)
     for key, col in avg_cols.items():
         cols = per_bench[key]
         comparable = values[cols].notna().all(axis=1) & ~stale[cols].any(axis=1)
         values[col] = values[cols].mean(axis=1).where(comparable)
         stale[col] = False
 
-    order = value_cols + list(avg_cols.values())
+    # The averages before the per-benchmark columns: they are what a reader compares first, and a wide table
+    # (5 metrics x several benchmarks) pushed them out of sight at 1500 px.
+    order = list(avg_cols.values()) + value_cols
     if deltas != "none" and order:
         change = _changes(m, chosen, base_runs(runs, runs if all_runs is None else all_runs, chosen))
-        change = change.reindex(index=base.index, columns=value_cols)
+        change = change.reindex(index=runs_by_id.index, columns=value_cols)
         for key, col in avg_cols.items():
             cols = per_bench[key]
             change[col] = change[cols].mean(axis=1).where(values[col].notna() & change[cols].notna().all(axis=1))
@@ -218,15 +321,21 @@ def leaderboard(runs: pd.DataFrame, metrics: pd.DataFrame, benchmarks: list[str]
         for col in shown:
             values["Δ " + col] = change[col]
             stale["Δ " + col] = stale[col]
-        # Each Δ right after the column it belongs to.
-        order = [c for col in order for c in ([col, "Δ " + col] if col in shown else [col])]
+        # The averages' Δ after all the averages, so every average fits beside the name in a 1500 px window;
+        # each per-benchmark Δ right after its column.
+        averages = list(avg_cols.values())
+        order = averages + ["Δ " + c for c in averages if c in shown] + [
+            c for col in value_cols for c in ([col, "Δ " + col] if col in shown else [col])]
 
-    table = base.join(values[order].round(2))
-    stale = pd.DataFrame(False, index=base.index, columns=list(base.columns)).join(stale[order])
+    # name | averages | per benchmark | spec keys | size and cost | kind, status, model | run_id
+    table = runs_by_id[["name"]].join(values[order].round(2)).join(spec).join(about)
+    cells, stale = stale, pd.DataFrame(False, index=table.index, columns=table.columns)
+    stale[order] = cells[order].astype(bool)
     if avg_cols:  # best first, runs without a comparable average last
         table = table.sort_values(next(iter(avg_cols.values())), ascending=False, na_position="last", kind="stable")
         stale = stale.loc[table.index]
     table, stale = table.reset_index(), stale.reset_index()
+    table, stale = table[[*table.columns[1:], "run_id"]], stale[[*stale.columns[1:], "run_id"]]
     stale["run_id"] = False
     return table, stale
 
@@ -304,3 +413,60 @@ def sweep_keys(reg: Registry, runs: pd.DataFrame, sweep_id: str) -> list[str]:
         elif isinstance(v, str):
             keys |= set(json.loads(v))
     return sorted(keys)
+
+
+# ---- the run page: query texts, wins and losses ---------------------------------------------------
+
+def benchmark_paths(spec: dict, name: str) -> list[str]:
+    """The paths a flattened spec gives the benchmark `name` (eval.benchmarks[i].path); a baseline's spec
+    (its evaluation description) names benchmarks without paths, so it gives none."""
+    out = []
+    for key, value in spec.items():
+        found = re.fullmatch(r"eval\.benchmarks\[(\d+)\]\.name", key)
+        path = spec.get(f"eval.benchmarks[{found.group(1)}].path") if found and value == name else None
+        if isinstance(path, str) and path:
+            out.append(path)
+    return out
+
+
+def candidate_benchmark_paths(run_spec: dict, runs: pd.DataFrame, name: str) -> list[str]:
+    """Where the files of benchmark `name` may be: the run's own spec first, then any other run's (a baseline
+    records no path, but the runs trained beside it evaluated the same benchmark). The caller keeps only
+    a folder whose content fingerprint matches the per-query file's, so a same-named other benchmark or
+    an edited one is never taken for it."""
+    paths = benchmark_paths(run_spec, name)
+    for spec in runs["spec"]:
+        paths += [p for p in benchmark_paths(spec, name) if p not in paths]
+    return paths
+
+
+def with_texts(per_query: pd.DataFrame, bench) -> pd.DataFrame:
+    """`per_query` with the query's text and its relevant passage's text (the highest-graded one, with how
+    many more are relevant) from `bench` (a koe5.eval.benchmark.Benchmark), right after `qid`."""
+    queries = dict(zip(bench.query_ids, bench.query_texts))
+    corpus = dict(zip(bench.corpus_ids, bench.corpus_texts))
+
+    def relevant(qid: str) -> str | None:
+        judged = sorted(((g, d) for d, g in bench.qrels.get(qid, {}).items() if g > 0), reverse=True)
+        if not judged:
+            return None
+        text = corpus.get(judged[0][1], f"({judged[0][1]}: not in the corpus)")
+        return text + (f" (+{len(judged) - 1} more relevant)" if len(judged) > 1 else "")
+
+    qids = per_query["qid"].astype(str)
+    out = per_query.copy()
+    at = list(out.columns).index("qid") + 1
+    out.insert(at, "query", [queries.get(q) for q in qids])
+    out.insert(at + 1, "relevant passage", [relevant(q) for q in qids])
+    return out
+
+
+def wins_losses(this: pd.DataFrame, other: pd.DataFrame, col: str) -> pd.DataFrame:
+    """Per query that both runs scored on `col` (one benchmark's per-query rows each): qid, this run's and the
+    other run's value, and the outcome for this run: win, loss or tie. Excluded queries (no relevant
+    passage, no value) are left out, as koe5.registry.commands.per_query_wins leaves them out."""
+    both = this[["qid", col]].assign(qid=this["qid"].astype(str)).merge(
+        other[["qid", col]].assign(qid=other["qid"].astype(str)), on="qid", suffixes=("_this", "_other")).dropna()
+    a, b = both[f"{col}_this"], both[f"{col}_other"]
+    return pd.DataFrame({"qid": both["qid"], "this": a, "other": b,
+                         "outcome": ["win" if x > y else "loss" if x < y else "tie" for x, y in zip(a, b)]})
