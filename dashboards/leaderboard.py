@@ -276,8 +276,11 @@ def view_run(reg: Registry, runs: pd.DataFrame, all_runs: pd.DataFrame) -> None:
     texts = (lambda df: with_texts(df, found)) if found is not None else (lambda df: df)
     misses = per_query[per_query[col] == 0]
     st.markdown(f"**Queries missed** ({len(misses)} of {per_query[col].notna().sum()} with {col} = 0)")
-    st.caption(note + " The per-query file records the rank of the first relevant passage (first_relevant_rank) "
-               "but does not record which passage was retrieved at rank 1, so that passage is not shown.")
+    if "top_document" not in per_query.columns:  # files written before koe5 recorded the rank-1 passage
+        note += (" This run's per-query file records the rank of the first relevant passage "
+                 "(first_relevant_rank) but does not record which passage was retrieved at rank 1, so that "
+                 "passage is not shown.")
+    st.caption(note)
     st.dataframe(x100(texts(misses), cols), hide_index=True)
     wins_view(reg, run, runs, labels, per_query, col, bench, texts)
 

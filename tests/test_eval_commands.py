@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -124,6 +125,14 @@ def test_per_query_artifact_and_mteb_json(tmp_path):
         # MRR@10 per query is 1 / rank of the first relevant document when that rank is <= 10.
         expect = [1 / r if r == r and r <= 10 else 0.0 for r in judged["first_relevant_rank"]]
         assert list(judged["mrr@10"]) == pytest.approx(expect)
+        # The passage ranked first, recomputed here by brute force: the highest score (ties: trec_eval's order)
+        q_emb, p_emb = enc(bench.query_texts), enc(bench.corpus_texts)
+        best = {q: max(zip((q_emb[i] @ p_emb.T).astype(np.float32), bench.corpus_ids))[1]
+                for i, q in enumerate(bench.query_ids)}
+        assert dict(zip(judged["qid"], judged["top_document"])) == {q: best[q] for q in judged["qid"]}
+        # A query ranked right first has its relevant passage there, and only then.
+        for qid, top, rank in zip(judged["qid"], judged["top_document"], judged["first_relevant_rank"]):
+            assert (bench.qrels[qid].get(top, 0) > 0) == (rank == 1)
     doc = json.load(open(write_mteb_json(result, str(tmp_path / "mteb"), "fake", split="test"), encoding="utf-8"))
     scores = doc["scores"]["test"][0]
     assert scores["main_score"] == scores["ndcg_at_10"] == result.metrics.aggregate[("ndcg", 10)]

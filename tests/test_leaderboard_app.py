@@ -423,8 +423,11 @@ def costed(tmp_path_factory):
                                "eval": {"benchmarks": [{"name": "mini", "path": str(bench_dir)}]}})
         ids[role] = reg.create_run(f"mini-{role}", f"hash-{role}", spec, status="running")
         per_query = root / f"{role}.per_query-mini.jsonl"
+        # B's file is of the current kind: it records the passage ranked first (for a miss, the next one's).
+        first = {"top_document": lambda i: f"d{i}" if hit(i) else f"d{(i + 1) % 12}"} if role == "text_b" else {}
         per_query.write_text("".join(json.dumps({"benchmark": "mini", "fingerprint": fp, "qid": f"q{i}",
                                                  "excluded": False, "first_relevant_rank": 1 if hit(i) else 2 + i,
+                                                 **{k: f(i) for k, f in first.items()},
                                                  "f1@1": float(hit(i)), "ndcg@3": float(hit(i) or i % 3 == 1)})
                                      + "\n" for i in range(12)))
         reg.add_artifact(ids[role], "per_query", str(per_query))
@@ -493,6 +496,21 @@ def test_missed_queries_show_texts(costed_app, costed):
     assert row["relevant passage"] == "문서 4 본문"
     texts = [m.value for m in app.markdown] + [c.value for c in app.caption]
     assert any("rank 1" in t and "not record" in t for t in texts), texts
+
+
+def test_a_miss_shows_the_passage_retrieved_first(costed_app, costed):
+    """A per-query file that records the rank-1 passage (koe5 writes `top_document`) shows its text beside
+    the relevant one."""
+    path, ids = costed
+    app = costed_app
+    app.sidebar.radio[0].set_value("Run").run()
+    app.selectbox(key="run_page").set_value(f"mini-text_b ({ids['text_b']})").run()
+    app.selectbox(key="miss_metric").set_value("f1@1").run()
+    assert not app.exception
+    misses = next(d.value for d in app.dataframe if "qid" in d.value.columns).set_index("qid")
+    assert misses.loc["q7", "relevant passage"] == "문서 7 본문"
+    assert misses.loc["q7", "retrieved first"] == "문서 8 본문"
+    assert not any("not record" in c.value for c in app.caption)
 
 
 def test_wins_and_losses_against_another_run(costed_app, costed):

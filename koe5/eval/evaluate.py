@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
 from koe5.eval.benchmark import Benchmark
-from koe5.eval.metrics import MetricResult, compute_metrics
+from koe5.eval.metrics import MetricResult, compute_metrics, rank_documents
 from koe5.eval.search import search
 
 Encode = Callable[[list[str]], np.ndarray]
@@ -30,6 +30,8 @@ class EvalResult:
     metrics: MetricResult
     n_queries: int  # queries in the means (judged queries with a relevant document)
     seconds: dict[str, float]  # phase -> wall seconds: encode_queries, encode_passages, search, metrics
+    # qid -> the document ranked first (trec_eval's order), so a miss can show what was retrieved instead
+    top_document: dict[str, str] = field(default_factory=dict)
 
 
 def _encode(fn: Encode, texts: list[str], what: str) -> np.ndarray:
@@ -69,6 +71,7 @@ def evaluate(encode_queries: Encode, encode_passages: Encode, benchmark: Benchma
         metrics=metrics,
         n_queries=metrics.n_queries,
         seconds=seconds,
+        top_document={qid: rank_documents(docs)[0] for qid, docs in run.items() if docs},
     )
 
 
@@ -105,13 +108,15 @@ def cached(encode: Encode, cache_dir: str, key: dict) -> Encode:
 # ---- artifacts ----
 
 def per_query_rows(result: EvalResult) -> list[dict]:
-    """One row per query: the rank of its first relevant document and every per-query metric.
-    Queries left out of the means (no relevant document) appear with `excluded` true and no metrics."""
+    """One row per query: the rank of its first relevant document, the document ranked first and every
+    per-query metric. Queries left out of the means (no relevant document) appear with `excluded` true and
+    no metrics."""
     m = result.metrics
     rows = []
     for qid, values in m.per_query.items():
         rows.append({"benchmark": result.benchmark, "fingerprint": result.fingerprint, "qid": qid,
-                     "excluded": False, "first_relevant_rank": m.first_relevant_rank.get(qid), **values})
+                     "excluded": False, "first_relevant_rank": m.first_relevant_rank.get(qid),
+                     "top_document": result.top_document.get(qid), **values})
     for qid in m.excluded:
         rows.append({"benchmark": result.benchmark, "fingerprint": result.fingerprint, "qid": qid,
                      "excluded": True, "first_relevant_rank": None})

@@ -441,8 +441,9 @@ def candidate_benchmark_paths(run_spec: dict, runs: pd.DataFrame, name: str) -> 
 
 
 def with_texts(per_query: pd.DataFrame, bench) -> pd.DataFrame:
-    """`per_query` with the query's text and its relevant passage's text (the highest-graded one, with how
-    many more are relevant) from `bench` (a koe5.eval.benchmark.Benchmark), right after `qid`."""
+    """`per_query` with the query's text, its relevant passage's text (the highest-graded one, with how
+    many more are relevant) and the text of the passage retrieved first (when the file records it) from
+    `bench` (a koe5.eval.benchmark.Benchmark), right after `qid`."""
     queries = dict(zip(bench.query_ids, bench.query_texts))
     corpus = dict(zip(bench.corpus_ids, bench.corpus_texts))
 
@@ -458,6 +459,9 @@ def with_texts(per_query: pd.DataFrame, bench) -> pd.DataFrame:
     at = list(out.columns).index("qid") + 1
     out.insert(at, "query", [queries.get(q) for q in qids])
     out.insert(at + 1, "relevant passage", [relevant(q) for q in qids])
+    if "top_document" in out.columns:  # per-query files written since the rank-1 document is recorded
+        out.insert(at + 2, "retrieved first", [None if not isinstance(d, str) else corpus.get(d, f"({d}: not in the corpus)")
+                                               for d in out.pop("top_document")])
     return out
 
 
