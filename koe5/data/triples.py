@@ -62,8 +62,9 @@ def iter_triples(path, hard_negatives: int = 1, skipped: dict | None = None,
 
     Bad records raise one DataError naming each (the first MAX_REPORTED, and how many in all) once the
     source is read to the end, so that one run finds them all, unless `skipped` is given (data.on_error:
-    skip): then they are left out and counted in skipped[str(path)]. Rows a format leaves out by design, and triples of the other
-    holdout side, are counted by reason in `notes`. A source with no readable triple is an error."""
+    skip): then they are left out and counted in skipped[str(path)]. Rows a format leaves out by design,
+    and triples of the other holdout side, are counted by reason in `notes`. A source with no readable
+    triple is an error."""
     source = as_source(path, fields, split)
     key = str(source.path)
     left_out: Counter = Counter()
