@@ -1,6 +1,7 @@
 """What must hold before a run is recorded, so a bad input stops `koe5-run` in seconds with one line naming
-the file:line or key, not hours later with a traceback: every training source reads and tokenizes, the
-training text does not leak into the benchmarks (data.leakage), and the evaluation lengths fit the model."""
+the file:line or key, not hours later with a traceback: every tracker of train.report_to has its library,
+every training source reads and tokenizes, the training text does not leak into the benchmarks
+(data.leakage), and the evaluation lengths fit the model."""
 
 from __future__ import annotations
 
@@ -10,6 +11,14 @@ import sys
 
 class ModelError(ValueError):
     """model.name_or_path does not load; the message names the key and says what to do."""
+
+
+def check_trackers(spec) -> None:
+    """Every tracker of train.report_to must import here, or the run would fail (or report nothing) after
+    hours of training. Raises TrackerError (a ValueError) naming the key and the pip command."""
+    from koe5.track import check_installed
+
+    check_installed(spec.train.report_to)
 
 
 def check_model(spec) -> None:

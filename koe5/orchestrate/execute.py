@@ -17,7 +17,7 @@ from koe5.provenance import provenance
 
 def run_one(rs, registry, sweep_id: str | None, force: bool) -> int:
     """Train `rs` as a new run, or resume the interrupted run of the same spec, or do nothing if it finished."""
-    from koe5.orchestrate.checks import check_data, check_eval_lengths, check_model
+    from koe5.orchestrate.checks import check_data, check_eval_lengths, check_model, check_trackers
     from koe5.preflight import preflight
     from koe5.spec.deepspeed import deepspeed_config
     from koe5.spec.schema import world_size
@@ -40,10 +40,11 @@ def run_one(rs, registry, sweep_id: str | None, force: bool) -> int:
         print("koe5-run: cannot start here:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
+        check_trackers(spec)
         check_model(spec)
         checks = check_data(spec)
         check_eval_lengths(spec)
-    except ValueError as e:  # ModelError, DataError, BenchmarkError, LengthError: they name the file:line or key
+    except ValueError as e:  # TrackerError, ModelError, DataError, BenchmarkError, LengthError: they name the key
         print(f"koe5-run: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     world = world_size(spec)
@@ -88,6 +89,13 @@ def resume(run: str, registry, overrides: list[str]) -> int:
         print(f"koe5-run: cannot resume run {run_id} with a changed experiment; these keys change the training "
               f"itself:\n{lines}\nStart a new run instead (koe5-run --from-run {run_id} ...).", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from koe5.orchestrate.checks import check_trackers
+
+    try:
+        check_trackers(rs.spec)
+    except ValueError as e:
+        print(f"koe5-run: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if rs is not old:
         rs.freeze(frozen)
     registry.drop_train_log_after(run_id, step)
@@ -99,6 +107,7 @@ def resume(run: str, registry, overrides: list[str]) -> int:
 def execute(rs, registry, run_id: str, run_dir: Path, *, baseline_sweep: str | None, with_baseline: bool) -> int:
     """Launch the ranks on the frozen spec in `run_dir`, then evaluate and record; the common path of a new
     run and a resumed one."""
+    from koe5 import track
     from koe5.launch import resolve_backend, run_training, training_command
     from koe5.orchestrate.evaluation import evaluate_baseline, evaluate_trained, update_model_card
 
@@ -110,6 +119,7 @@ def execute(rs, registry, run_id: str, run_dir: Path, *, baseline_sweep: str | N
             if with_baseline and spec.eval.baseline and spec.eval.benchmarks:
                 baseline_id = evaluate_baseline(rs, registry, baseline_sweep, run_dir / "baseline")
             registry.set_status(run_id, "running")
+            track.start(spec, rs.spec_hash, run_dir)  # the ranks reopen the tracker runs; finish() below ends them
             heartbeat.start()
             (run_dir / "error.txt").unlink(missing_ok=True)
             command = training_command(spec, run_dir / "spec.yaml", run_dir)
@@ -120,6 +130,7 @@ def execute(rs, registry, run_id: str, run_dir: Path, *, baseline_sweep: str | N
                 error_file = run_dir / "error.txt"
                 error = error_file.read_text().strip() if error_file.exists() else f"training exited with status {code}"
                 registry.set_status(run_id, "failed", error=error)
+                track.finish(spec, run_dir, [], None, "failed")
                 print(f"koe5-run: run {run_id} failed: {error}", file=sys.stderr)
                 return EXIT_FAILED
             model_dir = run_dir / "model"
@@ -127,16 +138,20 @@ def execute(rs, registry, run_id: str, run_dir: Path, *, baseline_sweep: str | N
             results = evaluate_trained(registry, run_id, str(model_dir), spec, run_dir / "eval", baseline_id)
             if results:
                 update_model_card(model_dir, spec, rs.to_yaml(), run_dir, results)
+            # After the model card, so the artifact carries the results table.
+            track.finish(spec, run_dir, results, model_dir, "finished")
             registry.set_status(run_id, "finished")
         except Killed as e:
             heartbeat.stop()
             fold_outputs(registry, run_id, run_dir)
             registry.set_status(run_id, "killed", error=str(e))
+            track.finish(spec, run_dir, [], None, "killed")
             print(f"koe5-run: run {run_id} killed ({e})", file=sys.stderr)
             return 128 + signal.SIGTERM
         except Exception as e:
             heartbeat.stop()
             registry.set_status(run_id, "failed", error=f"{type(e).__name__}: {e}")
+            track.finish(spec, run_dir, [], None, "failed")
             raise
         finally:
             # The heartbeat lasts through evaluation: a run that is still evaluating is alive, not crashed.

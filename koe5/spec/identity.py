@@ -2,8 +2,8 @@
 
 The hash covers the canonical resolved spec (defaults filled, keys sorted, comments and layout gone),
 with every data and benchmark path replaced by a fingerprint of the bytes it points at: moving a file
-keeps the hash, changing one byte of it changes the hash. Where a run writes its outputs
-(output_dir, registry.path) is not part of the experiment, so it is left out.
+keeps the hash, changing one byte of it changes the hash. Where a run writes or reports its outputs
+(output_dir, registry.path, train.report_to) is not part of the experiment, so it is left out.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 # Keys that say where results go, not what the experiment is.
-LOCATION_KEYS = (("output_dir",), ("registry", "path"))
+LOCATION_KEYS = (("output_dir",), ("registry", "path"), ("train", "report_to"))
 
 
 def data_paths(data: dict) -> list[tuple[tuple, str]]:

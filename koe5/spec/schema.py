@@ -192,6 +192,14 @@ class TrainSpec:
         "Write a checkpoint (weights, optimizer, scheduler, RNG states, step) every this many steps; null "
         "writes none. A run killed after a checkpoint resumes from it exactly.", None, resume_safe=True)
     keep_checkpoints: int = doc("How many of the newest checkpoints to keep.", 2, resume_safe=True)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = doc(
+        "Experiment trackers that also receive the run, each through its own library (`pip install "
+        "koe5[trackers]`; koe5/track.py): the flattened resolved spec and its hash as params, every training "
+        "scalar of train_log.jsonl at its step (`train/loss`, ...; rank 0), the evaluation metrics at the last "
+        "step (`eval/<benchmark>/ndcg@10`, fractions; MLflow names it `ndcg_at_10`) and the exported model as "
+        "an artifact (MLflow, W&B). TensorBoard writes to <run dir>/tensorboard, MLflow to "
+        "$MLFLOW_TRACKING_URI or <output_dir>/mlruns/mlflow.db, W&B to the project $WANDB_PROJECT or the "
+        "experiment name. Not part of the spec hash.", [], resume_safe=True)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 It never touches the registry. It writes into the run directory, which the orchestrator (koe5/run.py)
 folds into the registry:
-    train_log.jsonl     one diagnostics row at the first step, every train.log_every steps and at the last (rank 0)
+    train_log.jsonl     one diagnostics row at the first step, every train.log_every steps and at the last (rank 0),
+                        also sent to the trackers of train.report_to (koe5/track.py)
     checkpoints/        every train.save_every steps (koe5/train/checkpoint.py); a restart resumes from them
     data_mix.json       examples and tokens drawn per source
     model/              the exported sentence-transformers + Hugging Face model
@@ -28,6 +29,7 @@ from koe5.data.dataset import load_training_data
 from koe5.export import export_model, model_card
 from koe5.model import EmbeddingModel, load_backbone, model_max_length, resolve_model_path
 from koe5.spec.deepspeed import deepspeed_config, trainer_clips
+from koe5 import track
 from koe5.spec.schema import Spec
 from koe5.train import checkpoint
 from koe5.train.step import StepConfig, train_step
@@ -190,6 +192,7 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
         if rank == 0:
             _drop_log_rows_after(log_path, first_step)
             print(f"resumed from {resume_from} (step {first_step} of {total_steps})")
+    reporter = track.training(spec, spec_hash, run_dir, rank)  # train.report_to; rank 0 only
     start = time.perf_counter()
     window_start, window_triples, window_tokens = start, 0, 0
     bar = tqdm(total=total_steps, initial=first_step, desc="train", unit="step", disable=rank != 0,
@@ -225,6 +228,7 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
             }
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+            reporter.log(row)
             bar.set_postfix(loss=f"{result.loss:.4f}", triples_s=f"{row['triples_per_s']:.1f}")
             window_start, window_triples, window_tokens = now, 0, 0
         save_every = spec.train.save_every
@@ -233,6 +237,7 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
                             drawn={"examples": dict(drawn), "tokens": dict(drawn_tokens)},
                             keep=spec.train.keep_checkpoints)
     bar.close()
+    reporter.close()
 
     weights = data.source_weights()
     data_mix = {name: {"examples": drawn[name], "tokens": drawn_tokens[name], "weight": weights.get(name)}
