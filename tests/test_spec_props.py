@@ -171,6 +171,8 @@ def mutation(path: str, value, data: dict) -> str | None:
             return f"{path}={new}"
     elif value == [] and path == "tags":
         new = ["t"]
+    elif value == [] and path == "train.report_to":
+        new = ["tensorboard"]
     elif value == [] and path == "eval.benchmarks":
         return None
     elif value == {}:
@@ -180,7 +182,7 @@ def mutation(path: str, value, data: dict) -> str | None:
     return f"{path}={json.dumps(new)}"
 
 
-LOCATIONS = {"output_dir", "registry.path"}
+LOCATIONS = {"output_dir", "registry.path", "train.report_to"}  # where results go, not what runs
 
 
 def test_every_value_changes_the_hash_except_locations(tmp_path):
