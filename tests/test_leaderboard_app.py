@@ -22,13 +22,18 @@ def demo(tmp_path_factory):
     return path, make_demo_registry(path)
 
 
-@pytest.fixture
-def app(demo, monkeypatch) -> AppTest:
-    monkeypatch.setenv("KOE5_REGISTRY", str(demo[0]))
+def open_app(registry, monkeypatch) -> AppTest:
+    """The board on `registry`, rendered once without an exception."""
+    monkeypatch.setenv("KOE5_REGISTRY", str(registry))
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()
     assert not at.exception, at.exception
     return at
+
+
+@pytest.fixture
+def app(demo, monkeypatch) -> AppTest:
+    return open_app(demo[0], monkeypatch)
 
 
 def _value(reg: Registry, run_id: str, bench: str, metric: str, k: int) -> float:
@@ -238,11 +243,7 @@ def richer(tmp_path_factory):
 
 @pytest.fixture
 def richer_app(richer, monkeypatch) -> AppTest:
-    monkeypatch.setenv("KOE5_REGISTRY", str(richer[0]))
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_app(richer[0], monkeypatch)
 
 
 def test_sweep_plot_shows_baseline_as_reference_line(richer_app, richer):
@@ -438,11 +439,7 @@ def costed(tmp_path_factory):
 
 @pytest.fixture
 def costed_app(costed, monkeypatch) -> AppTest:
-    monkeypatch.setenv("KOE5_REGISTRY", str(costed[0]))
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.run()
-    assert not at.exception, at.exception
-    return at
+    return open_app(costed[0], monkeypatch)
 
 
 def test_size_and_cost_columns_and_plots(costed_app, costed):

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from koe5 import track
 from koe5.data.batches import rank_slice
 from koe5.data.dataset import load_training_data
 from koe5.export import export_model, model_card
 from koe5.model import EmbeddingModel, load_backbone, model_max_length, resolve_model_path
 from koe5.spec.deepspeed import deepspeed_config, trainer_clips
-from koe5 import track
 from koe5.spec.schema import Spec
 from koe5.train import checkpoint
 from koe5.train.step import StepConfig, train_step
