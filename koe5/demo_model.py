@@ -18,7 +18,7 @@ BUILTIN_NAME = "builtin:tiny-ko-bert"
 SAMPLE_TRAIN = Path(__file__).parent / "assets" / "ko_sample" / "train.jsonl"
 
 # Changing any of these changes the cache key, so an old cached build is never reused by mistake.
-BUILD_VERSION = 2  # 2: the vocabulary knows the E5 prefixes and ASCII
+BUILD_VERSION = 3  # 2: the vocabulary knows the E5 prefixes and ASCII; 3: the same vocabulary on every machine
 CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
               max_position_embeddings=512, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 VOCAB_SIZE = 4000
@@ -52,22 +52,42 @@ def build_demo_model(cache_dir: Path | None = None) -> Path:
     return target
 
 
+def _vocabulary(normalizer, pre_tokenizer) -> list[str]:
+    """Special tokens, every character of the sample and of printable ASCII (alone and as a `##`
+    continuation), then the sample's most frequent whole words, ties broken by the word itself.
+
+    Counted here rather than by the `tokenizers` WordPiece trainer, whose choice among equally frequent
+    merges changes from one process to the next: the demo model, and every number measured with it,
+    would then differ between this machine and CI."""
+    from collections import Counter
+
+    words = Counter(w for text in _sample_texts()
+                    for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w} | {chr(c) for c in range(33, 127)})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    known = set(vocab)
+    for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= VOCAB_SIZE:
+            break
+        if word not in known:
+            vocab.append(word)
+    return vocab
+
+
 def _build(target: Path) -> None:
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     # No accent stripping and no lowercasing: NFD accent stripping would split Hangul syllables into jamo.
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=False, lowercase=False)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    # Every printable ASCII character is in the alphabet, so English words, digits and punctuation in
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                            strip_accents=False, lowercase=False)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    vocab = _vocabulary(normalizer, pre_tokenizer)
+    # Every printable ASCII character is in the vocabulary, so English words, digits and punctuation in
     # a user's text split into known pieces instead of [UNK].
-    trainer = trainers.WordPieceTrainer(vocab_size=VOCAB_SIZE, min_frequency=1,
-                                        initial_alphabet=[chr(c) for c in range(33, 127)],
-                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    tok.train_from_iterator(_sample_texts(), trainer=trainer)
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     tokenizer = BertTokenizerFast(tokenizer_object=tok, do_lower_case=False, strip_accents=False,
                                   model_max_length=CONFIG["max_position_embeddings"])
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
