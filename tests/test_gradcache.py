@@ -178,6 +178,55 @@ def test_guide_masked_count_is_the_candidates_above_the_positive():
     assert result.guide_masked_frac == pytest.approx((above.sum(1) / candidates).mean().item())
 
 
+def reference_matryoshka_loss(q, d, doc_ids, temperature, symmetric, dims, weights, guide=None):
+    """sum_k w_k * InfoNCE on the embeddings truncated to d_k and renormalized, written out directly."""
+    return sum(w * reference_loss(F.normalize(q[:, :k], dim=-1), F.normalize(d[:, :k], dim=-1), doc_ids,
+                                  temperature, symmetric, True, guide=guide) for k, w in zip(dims, weights))
+
+
+@pytest.mark.parametrize("loss_name", ["infonce", "symmetric_infonce"])
+@pytest.mark.parametrize("chunking", [dict(chunk_size=1), dict(chunk_size=4), dict(chunk_tokens=60),
+                                      dict(cache=False)])
+@pytest.mark.parametrize("levels,guided", [(((32, 16, 8), (1.0, 0.5, 0.25)), False), (((4, 24), (2.0, 1.0)), True)],
+                         ids=["3-levels", "2-levels-guided"])
+def test_matryoshka_loss_matches_full_batch_backprop(loss_name, chunking, levels, guided):
+    """loss.matryoshka_dims: the weighted sum over truncated, renormalized embeddings, through GradCache's
+    chunks (or uncached), gives the full-batch loss and gradients; with a guide too."""
+    from koe5.train.loss import MatryoshkaConfig
+
+    gen = torch.Generator().manual_seed(4)
+    b, n_neg, tau = 6, 2, 0.05
+    queries, docs = random_batch(b, 12, gen), random_batch(b * (1 + n_neg), 20, gen)
+    doc_ids = torch.arange(b * (1 + n_neg))
+    doc_ids[9] = doc_ids[2]
+    dims, weights = levels
+    guide_model = tiny_model(seed=100).eval() if guided else None
+    guide = GuideConfig(0.01, "relative") if guided else None
+    symmetric = loss_name == "symmetric_infonce"
+
+    ref = tiny_model(seed=4)
+    g = None
+    if guided:
+        with torch.no_grad():
+            g = (guide_model(**queries), guide_model(**docs), guide)
+    loss = reference_matryoshka_loss(ref(**queries), ref(**docs), doc_ids, tau, symmetric, dims, weights, g)
+    loss.backward()
+    want = grads_of(ref)
+    full_only = reference_loss(ref(**queries), ref(**docs), doc_ids, tau, symmetric, True, guide=g).item()
+
+    model = tiny_model(seed=4)
+    cfg = StepConfig(loss_name=loss_name, temperature=tau, guide=guide, matryoshka=MatryoshkaConfig(dims, weights),
+                     **{"chunk_size": 3, **chunking})
+    result = train_step(PlainEngine(model), queries, docs, doc_ids, cfg, torch.device("cpu"), guide_model=guide_model)
+    got = grads_of(model)
+
+    assert abs(full_only - loss.item()) > 1e-2  # the truncated levels are a different loss
+    assert abs(result.loss - loss.item()) < 1e-5
+    assert want.keys() == got.keys() and len(want) > 10
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_uncached_step_matches_cached_step():
     gen = torch.Generator().manual_seed(5)
     queries, docs = random_batch(8, 10, gen), random_batch(16, 16, gen)

@@ -28,12 +28,26 @@ def check_model(spec) -> None:
     from koe5.train.guide import check_guide
 
     path = _loadable(spec.model.name_or_path, "model.name_or_path")
+    _check_matryoshka_width(spec, path)
     if spec.loss.guide_model is not None:
         # loss.guide_model: it loads too, and reads the model's token ids (koe5/train/guide.py)
         guide_path = _loadable(spec.loss.guide_model, "loss.guide_model")
         reason = check_guide(spec, path, guide_path)
         if reason:
             raise ModelError(f"loss.guide_model: {spec.loss.guide_model}: {reason}.")
+
+
+def _check_matryoshka_width(spec, path: str) -> None:
+    """Every loss.matryoshka_dims width must fit the model's embeddings (its hidden size, from its config)."""
+    from transformers import AutoConfig
+
+    dims = spec.loss.matryoshka_dims or []
+    config = AutoConfig.from_pretrained(path)
+    width = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    too_wide = [d for d in dims if width and d > width]
+    if too_wide:
+        raise ModelError(f"loss.matryoshka_dims: {too_wide} wider than the embeddings of "
+                         f"{spec.model.name_or_path} ({width} dimensions, its config's hidden_size)")
 
 
 def _loadable(name: str, key: str) -> str:

@@ -246,6 +246,7 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: 
 
     need("loss.temperature", spec.loss.temperature, finite_positive, "expected a temperature > 0")
     _check_guide(spec.loss, bad, need, missing, broken)
+    _check_matryoshka(spec, bad, broken)
 
     t = spec.train
     if t.max_steps is None and t.epochs is None and "train.max_steps" not in broken and "train.epochs" not in broken:
@@ -357,6 +358,37 @@ def _check_guide(loss: schema.LossSpec, bad: Callable[[str, str], None], need: C
         elif "queries" in mask and loss.name == "infonce":
             bad("loss.guide_mask", "`queries` are candidates only in loss.name symmetric_infonce; "
                                    "loss.name is infonce")
+
+
+def _check_matryoshka(spec: schema.Spec, bad: Callable[[str, str], None], broken: _Broken) -> None:
+    """loss.matryoshka_*: positive, distinct widths, one positive weight each. Whether a width fits the model
+    needs its config (koe5/orchestrate/checks.py, before any weight loads)."""
+    dims, weights = spec.loss.matryoshka_dims, spec.loss.matryoshka_weights
+    if "loss.matryoshka_dims" in broken or "loss.matryoshka_weights" in broken:
+        return
+    if dims is None:
+        if weights is not None:
+            bad("loss.matryoshka_weights", "only used with loss.matryoshka_dims, which is null; set the widths "
+                                           "or remove this key")
+        return
+    if not dims:
+        bad("loss.matryoshka_dims", "expected at least one width (or null for the full embeddings only)")
+        return
+    for i, dim in enumerate(dims):
+        if dim is not None and dim <= 0:
+            bad(f"loss.matryoshka_dims[{i}]", f"expected a positive width, found {dim}")
+    if len(set(dims)) != len(dims):
+        bad("loss.matryoshka_dims", f"each width at most once, found {dims}")
+    if spec.model is not None and spec.model.normalize is False and "model.normalize" not in broken:
+        bad("loss.matryoshka_dims", "truncated embeddings are renormalized (cosine scores), so the full width "
+                                    "must be normalized too; set model.normalize true")
+    if weights is not None:
+        if len(weights) != len(dims):
+            bad("loss.matryoshka_weights", f"expected one weight per width of loss.matryoshka_dims ({len(dims)}), "
+                                           f"found {len(weights)}")
+        for i, w in enumerate(weights):
+            if w is not None and not (math.isfinite(w) and w > 0):
+                bad(f"loss.matryoshka_weights[{i}]", f"expected a weight > 0, found {w}")
 
 
 def _check_source_format(s: schema.SourceSpec, at: str, bad: Callable[[str, str], None], need: Callable,

@@ -19,9 +19,19 @@ row's positive: g(row, c) > g(row, pos) - margin (`absolute`) or > g(row, pos) -
 other rows' positives (`in_batch`), the hard negatives (`hard_negatives`) and, in the document -> query
 direction of symmetric_infonce, the other queries (`queries`). With cross-device negatives the guide's
 embeddings are gathered like the model's. For infonce with every kind masked this is sentence-transformers'
-GISTEmbedLoss with contrast_anchors=False and contrast_positives=False (one hard negative per query, the
-same temperature, cosine scores); GISTEmbedLoss has no document -> query direction, and by default also
-contrasts anchors with anchors and positives with positives, which koe5 does not.
+GISTEmbedLoss with contrast_anchors=False and contrast_positives=False (tests/test_guide.py: the same loss
+and gradients with one hard negative per query, the same temperature). Where they differ: GISTEmbedLoss by
+default also contrasts anchors with anchors and positives with positives (koe5 has no such terms), takes
+one negative column (koe5 any number per query), has no document -> query direction, always scores the
+model by cosine (koe5 by dot product, cosine unless model.normalize is off), and has no duplicate masking
+(koe5 masks a copy of the positive as a duplicate, not counted as the guide's).
+
+Matryoshka (`loss.matryoshka_dims`, with weights w_k): L = sum_k w_k * L(q[:, :d_k], d[:, :d_k]), each
+level's embeddings truncated to their first d_k dimensions and renormalized, as sentence-transformers'
+MatryoshkaLoss (its `shrink`) around MultipleNegativesRankingLoss; every level masks the same candidates
+(duplicates, the guide's). Each level is computed on leaves of its own, and its gradient is carried back
+through the truncation and normalization onto the full embeddings, so GradCache replays the model once.
+The margin and false-negative diagnostics are those of the widest level.
 
 Gradient convention: each rank computes the loss terms of its own queries against the gathered pool and
 the gradient w.r.t. the whole pool; an all-reduce sums those gradients and each rank keeps its slice.
@@ -53,6 +63,13 @@ class LossResult:
     false_neg_frac: float    # mean over queries of the fraction of negatives scoring above the positive
     guide_masked: float | None = None       # mean over queries of the candidates the guide masked (count)
     guide_masked_frac: float | None = None  # ... as a fraction of the query's candidates (positive excluded)
+
+
+@dataclass
+class MatryoshkaConfig:
+    """The widths the loss is taken at, and each one's weight."""
+    dims: tuple[int, ...]
+    weights: tuple[float, ...]
 
 
 @dataclass
@@ -130,13 +147,15 @@ def _direction(rows: torch.Tensor, pool: torch.Tensor, targets: torch.Tensor, ro
 def contrastive_loss(q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor, *, name: str = "infonce",
                      temperature: float = 0.02, mask_duplicates: bool = True,
                      cross_device: bool = True, guide_q: torch.Tensor | None = None,
-                     guide_d: torch.Tensor | None = None, guide: GuideConfig | None = None) -> LossResult:
+                     guide_d: torch.Tensor | None = None, guide: GuideConfig | None = None,
+                     matryoshka: MatryoshkaConfig | None = None) -> LossResult:
     """Loss value and embedding gradients for one rank's detached embeddings.
 
     q: [b, dim] query embeddings; d: [b * (1 + n), dim] documents (positives first); doc_ids: [b * (1 + n)]
     integer identities of the documents (for duplicate masking). Works in float32.
     guide_q / guide_d: the guide model's normalized embeddings of the same rows, with `guide` saying how they
-    mask candidates (None: no guided filtering).
+    mask candidates (None: no guided filtering). matryoshka: the widths and weights of a Matryoshka loss
+    (None: the full embeddings only).
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
@@ -186,11 +205,24 @@ def contrastive_loss(q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor, *,
     stats = [0.0, 0.0, 0, 0.0, 0.0]
     # Each direction's terms are divided by normalizer / half, so the symmetric loss is their average.
     half = 0.5 if name == "symmetric_infonce" else 1.0
-    total = _direction(q_all[q_off:q_off + b], d_all, pos_local, pos_ids_local, ids_all,
-                       temperature, mask_duplicates, normalizer / half, stats, guide_qd)
-    if name == "symmetric_infonce":
-        total += _direction(d_all[pos_local], q_all, q_off + local, pos_ids_local, q_pos_ids,
-                            temperature, mask_duplicates, normalizer / half, None, guide_dq)
+    levels = [(None, 1.0)] if matryoshka is None else list(zip(matryoshka.dims, matryoshka.weights))
+    widest = max(dim or 0 for dim, _ in levels)
+    total = 0.0
+    for dim, weight in levels:
+        if dim is not None and dim > q.shape[1]:
+            raise ValueError(f"loss.matryoshka_dims: {dim} is wider than the embeddings ({q.shape[1]})")
+        # the level's own leaves: the full embeddings, or their truncated, renormalized copies
+        qa, da = (q_all, d_all) if dim is None else (
+            F.normalize(x.detach()[:, :dim], dim=-1).requires_grad_(True) for x in (q_all, d_all))
+        level_stats = stats if (dim or 0) == widest else None
+        total += _direction(qa[q_off:q_off + b], da, pos_local, pos_ids_local, ids_all,
+                            temperature, mask_duplicates, normalizer / (half * weight), level_stats, guide_qd)
+        if name == "symmetric_infonce":
+            total += _direction(da[pos_local], qa, q_off + local, pos_ids_local, q_pos_ids,
+                                temperature, mask_duplicates, normalizer / (half * weight), None, guide_dq)
+        if dim is not None:  # chain rule through the truncation and normalization onto the full embeddings
+            torch.autograd.backward([F.normalize(q_all[:, :dim], dim=-1), F.normalize(d_all[:, :dim], dim=-1)],
+                                    [qa.grad, da.grad])
 
     grad_q, grad_d = q_all.grad, d_all.grad
     summary = torch.tensor([total, stats[0], stats[1], stats[2], stats[3], stats[4]], dtype=torch.float64,

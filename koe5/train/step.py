@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from koe5.train.gradcache import embed_without_grad, make_chunks, pad_chunk_count, replay
-from koe5.train.loss import GuideConfig, LossResult, contrastive_loss
+from koe5.train.loss import GuideConfig, LossResult, MatryoshkaConfig, contrastive_loss
 
 
 class NonFiniteLoss(RuntimeError):
@@ -32,6 +32,7 @@ class StepConfig:
     chunk_tokens: Optional[int] = None
     bf16: bool = False  # forwards under bf16 autocast; weights and gradients stay float32
     guide: Optional[GuideConfig] = None  # guided false-negative filtering; train_step then needs guide_model
+    matryoshka: Optional[MatryoshkaConfig] = None  # the loss at several truncated widths
 
 
 def train_step(engine, queries: dict, documents: dict, doc_ids: torch.Tensor, cfg: StepConfig,
@@ -42,7 +43,7 @@ def train_step(engine, queries: dict, documents: dict, doc_ids: torch.Tensor, cf
     if (cfg.guide is None) != (guide_model is None):
         raise ValueError("StepConfig.guide and guide_model go together: give both or neither")
     loss_kwargs = dict(name=cfg.loss_name, temperature=cfg.temperature, mask_duplicates=cfg.mask_duplicates,
-                       cross_device=cfg.cross_device, guide=cfg.guide)
+                       cross_device=cfg.cross_device, guide=cfg.guide, matryoshka=cfg.matryoshka)
     model = _autocast(engine, device) if cfg.bf16 else engine
     guide = None if guide_model is None else _autocast(guide_model, device) if cfg.bf16 else guide_model
     if cfg.cache:

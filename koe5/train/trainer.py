@@ -33,7 +33,7 @@ from koe5.spec.deepspeed import deepspeed_config, trainer_clips
 from koe5.spec.schema import Spec
 from koe5.train import checkpoint
 from koe5.train.guide import load_guide
-from koe5.train.loss import GUIDE_MASKS, GuideConfig
+from koe5.train.loss import GUIDE_MASKS, GuideConfig, MatryoshkaConfig
 from koe5.train.step import StepConfig, train_step
 
 
@@ -157,10 +157,15 @@ def step_config(spec: Spec) -> StepConfig:
     if loss.guide_model is not None:  # guide_mask null: every kind of candidate the loss has
         guide = GuideConfig(margin=loss.guide_margin, margin_strategy=loss.guide_margin_strategy,
                             mask=tuple(loss.guide_mask if loss.guide_mask is not None else GUIDE_MASKS))
+    matryoshka = None
+    if loss.matryoshka_dims is not None:  # matryoshka_weights null: 1 each
+        matryoshka = MatryoshkaConfig(dims=tuple(loss.matryoshka_dims),
+                                      weights=tuple(loss.matryoshka_weights or [1.0] * len(loss.matryoshka_dims)))
     return StepConfig(loss_name=loss.name, temperature=loss.temperature,
                       mask_duplicates=loss.mask_duplicates, cross_device=loss.cross_device_negatives,
                       cache=spec.cache.enabled, chunk_size=spec.cache.chunk_size,
-                      chunk_tokens=spec.cache.chunk_tokens, bf16=spec.train.precision == "bf16", guide=guide)
+                      chunk_tokens=spec.cache.chunk_tokens, bf16=spec.train.precision == "bf16", guide=guide,
+                      matryoshka=matryoshka)
 
 
 def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dict:
