@@ -1,10 +1,12 @@
-"""loss.guide_model against sentence-transformers' own GISTEmbedLoss, and the guide's checks.
+"""loss.guide_model and loss.matryoshka_dims against sentence-transformers' own losses, and their checks.
 
-The loss and every gradient of one koe5 GradCache step equal GISTEmbedLoss's on the same batch, the same
-backbone weights and the same guide, where the definitions match: infonce with one hard negative per
-query, GISTEmbedLoss with contrast_anchors=False and contrast_positives=False (koe5 never contrasts
-queries with queries or positives with positives), cosine scores, the same temperature. The exactness of
-chunked, ZeRO and two-rank training is tested in test_gradcache.py and test_distributed.py.
+The loss and every gradient of one koe5 GradCache step equal sentence-transformers' on the same batch,
+the same backbone weights (and the same guide), where the definitions match:
+- guide: infonce with one hard negative per query against GISTEmbedLoss with contrast_anchors=False and
+  contrast_positives=False (koe5 never contrasts queries with queries or positives with positives), cosine
+  scores, the same temperature;
+- matryoshka: infonce against MatryoshkaLoss around MultipleNegativesRankingLoss (scale = 1 / temperature).
+The exactness of chunked, ZeRO and two-rank training is tested in test_gradcache.py and test_distributed.py.
 """
 
 import json
@@ -70,6 +72,14 @@ def sample_batch(model, b: int) -> list[dict]:
             for prefix, key in (("query: ", "query"), ("passage: ", "document"), ("passage: ", "hard_negative"))]
 
 
+def koe5_inputs(anchors: dict, positives: dict, negatives: dict) -> tuple[dict, dict]:
+    """The same token ids in koe5's layout: queries; documents = the positives, then one negative each."""
+    keep = ("input_ids", "attention_mask")
+    width = max(positives["input_ids"].shape[1], negatives["input_ids"].shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731  (0 = [PAD], masked)
+    return {k: anchors[k] for k in keep}, {k: torch.cat([pad(positives[k]), pad(negatives[k])]) for k in keep}
+
+
 @pytest.mark.parametrize("guide_kind", ["same", "other"])
 @pytest.mark.parametrize("strategy,margin", [("absolute", 0.0), ("absolute", 0.02), ("relative", 0.02)])
 def test_guided_loss_equals_sentence_transformers_gist(guide_kind, strategy, margin, other_guide):
@@ -88,14 +98,10 @@ def test_guided_loss_equals_sentence_transformers_gist(guide_kind, strategy, mar
     model.zero_grad(set_to_none=True)
     unguided = MultipleNegativesRankingLoss(model, scale=1 / tau)([anchors, positives, negatives], None).item()
 
-    # koe5's model and guide over the very same backbones; documents are positives, then one negative each
+    # koe5's model and guide over the very same backbones
     koe5_model = EmbeddingModel(model[0].auto_model, "mean", True)
     koe5_guide = EmbeddingModel(guide[0].auto_model, "mean", True).eval()
-    keep = ("input_ids", "attention_mask")
-    queries = {k: anchors[k] for k in keep}
-    width = max(positives["input_ids"].shape[1], negatives["input_ids"].shape[1])
-    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731  (0 = [PAD], masked)
-    docs = {k: torch.cat([pad(positives[k]), pad(negatives[k])]) for k in keep}
+    queries, docs = koe5_inputs(anchors, positives, negatives)
     cfg = StepConfig(loss_name="infonce", temperature=tau, mask_duplicates=True, cache=True, chunk_size=3,
                      guide=GuideConfig(margin=margin, margin_strategy=strategy, mask=GUIDE_MASKS))
     result = train_step(PlainEngine(koe5_model), queries, docs, torch.arange(16), cfg, torch.device("cpu"),
@@ -107,8 +113,52 @@ def test_guided_loss_equals_sentence_transformers_gist(guide_kind, strategy, mar
     assert result.loss == pytest.approx(want_loss.item(), rel=1e-5)
     assert want.keys() == got.keys() and len(want) > 10
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     assert all(p.grad is None for p in guide.parameters())
+
+
+@pytest.mark.parametrize("dims,weights", [((128, 64, 16), None), ((32, 128), (0.5, 2.0))])
+def test_matryoshka_loss_equals_sentence_transformers(dims, weights):
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+
+    from koe5.train.loss import MatryoshkaConfig
+
+    model = st_model(resolve_model_path("builtin:tiny-ko-bert"))
+    anchors, positives, negatives = sample_batch(model, 8)
+    tau = 0.05
+    inner = MultipleNegativesRankingLoss(model, scale=1 / tau)
+    want_loss = MatryoshkaLoss(model, inner, list(dims), matryoshka_weights=weights)([anchors, positives, negatives],
+                                                                                      None)
+    want_loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    full_only = inner([anchors, positives, negatives], None).item()
+
+    queries, docs = koe5_inputs(anchors, positives, negatives)
+    cfg = StepConfig(loss_name="infonce", temperature=tau, cache=True, chunk_size=3,
+                     matryoshka=MatryoshkaConfig(dims, weights or (1.0,) * len(dims)))
+    result = train_step(PlainEngine(EmbeddingModel(model[0].auto_model, "mean", True)), queries, docs,
+                        torch.arange(16), cfg, torch.device("cpu"))
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    assert abs(full_only - want_loss.item()) > 1e-2  # the truncated widths change the loss
+    assert result.loss == pytest.approx(want_loss.item(), rel=1e-5)
+    assert want.keys() == got.keys() and len(want) > 10
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_matryoshka_width_beyond_the_model_is_refused_from_its_config():
+    from koe5.orchestrate.checks import ModelError, check_model
+    from koe5.spec.schema import DataSpec, LossSpec, ModelSpec, SourceSpec, Spec
+
+    def spec_with(dims):
+        return Spec(name="m", model=ModelSpec(name_or_path="builtin:tiny-ko-bert"),
+                    data=DataSpec(sources=[SourceSpec(path="x")]), loss=LossSpec(matryoshka_dims=dims))
+
+    check_model(spec_with([128, 64]))  # the demo model is 128 wide
+    with pytest.raises(ModelError, match=r"^loss.matryoshka_dims: \[256\] wider than the embeddings .* \(128 "):
+        check_model(spec_with([256, 64]))
 
 
 def test_a_guide_with_another_tokenizer_is_refused_before_its_weights_load(tmp_path, other_guide):
