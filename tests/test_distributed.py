@@ -201,6 +201,22 @@ def test_guide_masks_candidates_and_changes_training():
     assert max((guided[k] - plain[k]).abs().max().item() for k in guided) > 1e-5
 
 
+MATRYOSHKA = ("loss.matryoshka_dims=[128, 64, 16]", "loss.matryoshka_weights=[1, 0.5, 2]")  # the demo model: 128
+
+
+@pytest.mark.parametrize("variant", [
+    ("cache.chunk_size=3",),
+    ("launch.nproc_per_node=2", "cache.chunk_size=3", "cache.chunk_tokens=96", "deepspeed.zero_stage=3"),
+], ids=["1-rank-cached", "2-ranks-zero3-uneven-chunks"])
+def test_matryoshka_training_matches_one_uncached_process(variant):
+    """loss.matryoshka_dims: cached, ZeRO-3 and two ranks take the steps one uncached process takes."""
+    reference = trained_weights(*MATRYOSHKA, "cache.enabled=false")
+    assert_trained(reference)
+    assert_same_weights(trained_weights(*MATRYOSHKA, *variant), reference)
+    plain = trained_weights("cache.enabled=false")
+    assert max((reference[k] - plain[k]).abs().max().item() for k in plain) > 1e-5  # the widths change training
+
+
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="POSIX shared memory lives in /dev/shm on Linux")
 def test_ranks_leave_no_shared_memory_behind():
     """DeepSpeed's CPU backend creates a 66 MB /dev/shm segment per rank and never removes it; before koe5
