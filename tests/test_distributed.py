@@ -162,6 +162,61 @@ def test_two_ranks_with_cross_device_negatives_match_one_process(mask):
     assert norms_two == pytest.approx(norms_one, rel=1e-4)
 
 
+# Guided false-negative filtering with the base model itself as the guide (the model drifts from it as it
+# trains). Exact duplicates tie with the positive in the guide's eyes, where rounding could flip a mask
+# between chunkings; duplicate masking (on by default) takes them out first.
+GUIDE = ("loss.guide_model=builtin:tiny-ko-bert",)
+
+
+@pytest.mark.parametrize("variant", [
+    ("cache.chunk_size=3",),
+    ("launch.nproc_per_node=2", "cache.chunk_size=3", "deepspeed.zero_stage=0"),
+    ("launch.nproc_per_node=2", "cache.chunk_size=3", "deepspeed.zero_stage=2"),
+    ("launch.nproc_per_node=2", "cache.chunk_size=3", "cache.chunk_tokens=96", "deepspeed.zero_stage=3"),
+], ids=["1-rank-cached", "2-ranks-zero0", "2-ranks-zero2", "2-ranks-zero3-uneven-chunks"])
+def test_guided_training_matches_one_uncached_process(variant):
+    """loss.guide_model: GradCache, ZeRO 0/2/3 and two ranks with cross-device negatives (the guide's
+    embeddings gathered like the model's) take the steps one uncached process takes with the whole batch."""
+    reference = trained_weights(*GUIDE, "cache.enabled=false")
+    assert_trained(reference)
+    assert_same_weights(trained_weights(*GUIDE, *variant), reference)
+    norms = [row["grad_norm"] for row in train_log(*GUIDE, *variant)]
+    assert norms == pytest.approx([row["grad_norm"] for row in train_log(*GUIDE, "cache.enabled=false")], rel=1e-4)
+
+
+def test_guided_symmetric_loss_on_two_ranks_matches_one_process():
+    """symmetric_infonce with the guide also masking queries (document -> query direction)."""
+    symmetric = ("loss.name=symmetric_infonce", "loss.guide_margin=0.02")
+    reference = trained_weights(*GUIDE, *symmetric, "cache.enabled=false")
+    assert_same_weights(trained_weights(*GUIDE, *symmetric, "launch.nproc_per_node=2", "cache.chunk_size=3",
+                                        "deepspeed.zero_stage=3"), reference)
+
+
+def test_guide_masks_candidates_and_changes_training():
+    """The guide really masks (the log says how many candidates per query) and so trains differently."""
+    rows = train_log(*GUIDE, "cache.enabled=false")
+    assert all(0 < row["guide_masked"] and 0 < row["guide_masked_frac"] < 1 for row in rows)
+    assert "guide_masked" not in train_log("cache.enabled=false")[0]  # only logged with a guide
+    guided, plain = trained_weights(*GUIDE, "cache.enabled=false"), trained_weights("cache.enabled=false")
+    assert max((guided[k] - plain[k]).abs().max().item() for k in guided) > 1e-5
+
+
+MATRYOSHKA = ("loss.matryoshka_dims=[128, 64, 16]", "loss.matryoshka_weights=[1, 0.5, 2]")  # the demo model: 128
+
+
+@pytest.mark.parametrize("variant", [
+    ("cache.chunk_size=3",),
+    ("launch.nproc_per_node=2", "cache.chunk_size=3", "cache.chunk_tokens=96", "deepspeed.zero_stage=3"),
+], ids=["1-rank-cached", "2-ranks-zero3-uneven-chunks"])
+def test_matryoshka_training_matches_one_uncached_process(variant):
+    """loss.matryoshka_dims: cached, ZeRO-3 and two ranks take the steps one uncached process takes."""
+    reference = trained_weights(*MATRYOSHKA, "cache.enabled=false")
+    assert_trained(reference)
+    assert_same_weights(trained_weights(*MATRYOSHKA, *variant), reference)
+    plain = trained_weights("cache.enabled=false")
+    assert max((reference[k] - plain[k]).abs().max().item() for k in plain) > 1e-5  # the widths change training
+
+
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="POSIX shared memory lives in /dev/shm on Linux")
 def test_ranks_leave_no_shared_memory_behind():
     """DeepSpeed's CPU backend creates a 66 MB /dev/shm segment per rank and never removes it; before koe5

@@ -8,6 +8,7 @@ from transformers import BertConfig, BertModel
 from koe5.inputs import padded_length
 from koe5.model import EmbeddingModel
 from koe5.train.gradcache import embed_without_grad, replay, row_chunks, token_chunks
+from koe5.train.loss import GuideConfig
 from koe5.train.step import StepConfig, train_step
 
 
@@ -43,15 +44,30 @@ class PlainEngine:
         pass
 
 
-def reference_loss(q, d, doc_ids, temperature, symmetric, mask_duplicates):
-    """Plain InfoNCE written out directly (no blocks, no leaves), the thing GradCache must reproduce."""
+def reference_loss(q, d, doc_ids, temperature, symmetric, mask_duplicates, guide=None):
+    """Plain InfoNCE written out directly (no blocks, no leaves), the thing GradCache must reproduce.
+    `guide`: (guide's query embeddings, guide's document embeddings, GuideConfig), masking as GISTEmbed."""
     b = q.shape[0]
     pos = torch.arange(b)
+
+    def guided(g_rows, g_pool, maskable):  # candidates the guide rates above the positive, less the margin
+        g = g_rows @ g_pool.T
+        g_pos = g[pos, pos][:, None]
+        cfg = guide[2]
+        threshold = g_pos - cfg.margin if cfg.margin_strategy == "absolute" else g_pos - g_pos.abs() * cfg.margin
+        out = (g > threshold) & maskable[None, :]
+        out[pos, pos] = False
+        return out
+
     s = q @ d.T / temperature
     if mask_duplicates:
         same = doc_ids[None, :] == doc_ids[pos][:, None]
         same[pos, pos] = False
         s = s.masked_fill(same, float("-inf"))
+    if guide is not None:
+        is_positive = torch.arange(d.shape[0]) < b
+        maskable = (is_positive & ("in_batch" in guide[2].mask)) | (~is_positive & ("hard_negatives" in guide[2].mask))
+        s = s.masked_fill(guided(guide[0], guide[1], maskable), float("-inf"))
     loss = F.cross_entropy(s, pos)
     if symmetric:
         t = d[:b] @ q.T / temperature
@@ -59,6 +75,9 @@ def reference_loss(q, d, doc_ids, temperature, symmetric, mask_duplicates):
             same = doc_ids[:b][None, :] == doc_ids[:b][:, None]
             same[pos, pos] = False
             t = t.masked_fill(same, float("-inf"))
+        if guide is not None:
+            t = t.masked_fill(guided(guide[1][:b], guide[0], torch.full((b,), "queries" in guide[2].mask)),
+                              float("-inf"))
         loss = (loss + F.cross_entropy(t, pos)) / 2
     return loss
 
@@ -91,6 +110,117 @@ def test_gradcache_matches_full_batch_backprop(seed, loss_name, chunking):
     result = train_step(PlainEngine(model), queries, docs, doc_ids, cfg, torch.device("cpu"))
     got = grads_of(model)
 
+    assert abs(result.loss - loss.item()) < 1e-5
+    assert want.keys() == got.keys() and len(want) > 10
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+GUIDES = [GuideConfig(0.0, "absolute"), GuideConfig(0.01, "relative", ("in_batch",)),
+          GuideConfig(0.01, "absolute", ("hard_negatives", "queries"))]
+
+
+@pytest.mark.parametrize("seed", [0])
+@pytest.mark.parametrize("loss_name", ["infonce", "symmetric_infonce"])
+@pytest.mark.parametrize("chunking", [dict(chunk_size=1), dict(chunk_size=4), dict(chunk_tokens=60),
+                                      dict(cache=False)])
+@pytest.mark.parametrize("guide", GUIDES, ids=["abs0-all", "rel-in_batch", "abs-negatives+queries"])
+def test_guided_loss_matches_full_batch_backprop(seed, loss_name, chunking, guide):
+    """loss.guide_model: the guide's masks applied chunk by chunk (or uncached) give the full-batch guided
+    loss and gradients, for every candidate kind and margin strategy, with duplicate masking alongside."""
+    gen = torch.Generator().manual_seed(seed)
+    b, n_neg, tau = 6, 2, 0.05
+    queries, docs = random_batch(b, 12, gen), random_batch(b * (1 + n_neg), 20, gen)
+    doc_ids = torch.arange(b * (1 + n_neg))
+    doc_ids[9] = doc_ids[2]
+    guide_model = tiny_model(seed=seed + 100).eval()  # another model over the same vocabulary, frozen
+    symmetric = loss_name == "symmetric_infonce"
+
+    ref = tiny_model(seed=seed)
+    with torch.no_grad():
+        g = (guide_model(**queries), guide_model(**docs), guide)
+    loss = reference_loss(ref(**queries), ref(**docs), doc_ids, tau, symmetric, True, guide=g)
+    loss.backward()
+    want = grads_of(ref)
+    unguided = reference_loss(ref(**queries), ref(**docs), doc_ids, tau, symmetric, True).item()
+
+    model = tiny_model(seed=seed)
+    cfg = StepConfig(loss_name=loss_name, temperature=tau, guide=guide, **{"chunk_size": 3, **chunking})
+    result = train_step(PlainEngine(model), queries, docs, doc_ids, cfg, torch.device("cpu"), guide_model=guide_model)
+    got = grads_of(model)
+
+    assert 0 < result.guide_masked_frac < 1  # the guide masked some candidates, not all
+    assert abs(unguided - loss.item()) > 1e-3  # so the guided loss is a different loss
+    assert abs(result.loss - loss.item()) < 1e-5
+    assert want.keys() == got.keys() and len(want) > 10
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert not any(p.grad is not None for p in guide_model.parameters())  # the guide never trains
+
+
+def test_guide_masked_count_is_the_candidates_above_the_positive():
+    """The diagnostics count, per query, the candidates the guide rated above the positive (duplicates of
+    the positive are masked as duplicates, not counted)."""
+    from koe5.train.loss import contrastive_loss
+
+    gen = torch.Generator().manual_seed(0)
+    q, d = F.normalize(torch.randn(4, 8, generator=gen), dim=-1), F.normalize(torch.randn(8, 8, generator=gen), dim=-1)
+    gq, gd = F.normalize(torch.randn(4, 5, generator=gen), dim=-1), F.normalize(torch.randn(8, 5, generator=gen), dim=-1)
+    ids = torch.arange(8)
+    ids[6] = ids[2]  # query 2's hard negative copies its positive
+    g = gq @ gd.T
+    above = g > g[torch.arange(4), torch.arange(4)][:, None]
+    above[2, 6] = False
+    result = contrastive_loss(q, d, ids, temperature=0.1, guide_q=gq, guide_d=gd, guide=GuideConfig())
+    assert above.sum() > 0
+    assert result.guide_masked == pytest.approx(above.sum().item() / 4)
+    candidates = torch.tensor([7, 7, 6, 7])  # all but the positive (and query 2's duplicate)
+    assert result.guide_masked_frac == pytest.approx((above.sum(1) / candidates).mean().item())
+
+
+def reference_matryoshka_loss(q, d, doc_ids, temperature, symmetric, dims, weights, guide=None):
+    """sum_k w_k * InfoNCE on the embeddings truncated to d_k and renormalized, written out directly."""
+    return sum(w * reference_loss(F.normalize(q[:, :k], dim=-1), F.normalize(d[:, :k], dim=-1), doc_ids,
+                                  temperature, symmetric, True, guide=guide) for k, w in zip(dims, weights))
+
+
+@pytest.mark.parametrize("loss_name", ["infonce", "symmetric_infonce"])
+@pytest.mark.parametrize("chunking", [dict(chunk_size=1), dict(chunk_size=4), dict(chunk_tokens=60),
+                                      dict(cache=False)])
+@pytest.mark.parametrize("levels,guided", [(((32, 16, 8), (1.0, 0.5, 0.25)), False), (((4, 24), (2.0, 1.0)), True)],
+                         ids=["3-levels", "2-levels-guided"])
+def test_matryoshka_loss_matches_full_batch_backprop(loss_name, chunking, levels, guided):
+    """loss.matryoshka_dims: the weighted sum over truncated, renormalized embeddings, through GradCache's
+    chunks (or uncached), gives the full-batch loss and gradients; with a guide too."""
+    from koe5.train.loss import MatryoshkaConfig
+
+    gen = torch.Generator().manual_seed(4)
+    b, n_neg, tau = 6, 2, 0.05
+    queries, docs = random_batch(b, 12, gen), random_batch(b * (1 + n_neg), 20, gen)
+    doc_ids = torch.arange(b * (1 + n_neg))
+    doc_ids[9] = doc_ids[2]
+    dims, weights = levels
+    guide_model = tiny_model(seed=100).eval() if guided else None
+    guide = GuideConfig(0.01, "relative") if guided else None
+    symmetric = loss_name == "symmetric_infonce"
+
+    ref = tiny_model(seed=4)
+    g = None
+    if guided:
+        with torch.no_grad():
+            g = (guide_model(**queries), guide_model(**docs), guide)
+    loss = reference_matryoshka_loss(ref(**queries), ref(**docs), doc_ids, tau, symmetric, dims, weights, g)
+    loss.backward()
+    want = grads_of(ref)
+    full_only = reference_loss(ref(**queries), ref(**docs), doc_ids, tau, symmetric, True, guide=g).item()
+
+    model = tiny_model(seed=4)
+    cfg = StepConfig(loss_name=loss_name, temperature=tau, guide=guide, matryoshka=MatryoshkaConfig(dims, weights),
+                     **{"chunk_size": 3, **chunking})
+    result = train_step(PlainEngine(model), queries, docs, doc_ids, cfg, torch.device("cpu"), guide_model=guide_model)
+    got = grads_of(model)
+
+    assert abs(full_only - loss.item()) > 1e-2  # the truncated levels are a different loss
     assert abs(result.loss - loss.item()) < 1e-5
     assert want.keys() == got.keys() and len(want) > 10
     for name in want:

@@ -23,14 +23,41 @@ def check_trackers(spec) -> None:
 
 def check_model(spec) -> None:
     """model.name_or_path must load (its config and tokenizer; not the weights) before anything else reads
-    it, so a typo or an offline hub id is one line naming the key, not a traceback from transformers."""
+    it, so a typo or an offline hub id is one line naming the key, not a traceback from transformers. So
+    must loss.guide_model, whose tokenizer must be the model's."""
+    from koe5.train.guide import check_guide
+
+    path = _loadable(spec.model.name_or_path, "model.name_or_path")
+    _check_matryoshka_width(spec, path)
+    if spec.loss.guide_model is not None:
+        # loss.guide_model: it loads too, and reads the model's token ids (koe5/train/guide.py)
+        guide_path = _loadable(spec.loss.guide_model, "loss.guide_model")
+        reason = check_guide(spec, path, guide_path)
+        if reason:
+            raise ModelError(f"loss.guide_model: {spec.loss.guide_model}: {reason}.")
+
+
+def _check_matryoshka_width(spec, path: str) -> None:
+    """Every loss.matryoshka_dims width must fit the model's embeddings (its hidden size, from its config)."""
+    from transformers import AutoConfig
+
+    dims = spec.loss.matryoshka_dims or []
+    config = AutoConfig.from_pretrained(path)
+    width = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    too_wide = [d for d in dims if width and d > width]
+    if too_wide:
+        raise ModelError(f"loss.matryoshka_dims: {too_wide} wider than the embeddings of "
+                         f"{spec.model.name_or_path} ({width} dimensions, its config's hidden_size)")
+
+
+def _loadable(name: str, key: str) -> str:
+    """The resolved path of a model whose config and tokenizer load; ModelError naming `key` otherwise."""
     from transformers import AutoConfig, AutoTokenizer
 
     from koe5.model import resolve_model_path
 
-    name = spec.model.name_or_path
     if name.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name)):
-        raise ModelError(f"model.name_or_path: {name} is not a directory. Build or copy the model there, or give "
+        raise ModelError(f"{key}: {name} is not a directory. Build or copy the model there, or give "
                          "a Hugging Face hub id (e.g. intfloat/multilingual-e5-small).")
     path = resolve_model_path(name)
     try:
@@ -41,7 +68,8 @@ def check_model(spec) -> None:
         what = ("a directory needs config.json and the tokenizer files" if os.path.isdir(path) else
                 "a hub id needs the network or a copy in the Hugging Face cache; offline, download it "
                 "elsewhere and give its directory")
-        raise ModelError(f"model.name_or_path: cannot load {name!r}: {reason} ({what}).") from None
+        raise ModelError(f"{key}: cannot load {name!r}: {reason} ({what}).") from None
+    return path
 
 
 def check_data(spec) -> dict:

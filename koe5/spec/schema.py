@@ -152,6 +152,31 @@ class LossSpec:
     temperature: float = doc("Softmax temperature tau; scores are divided by it.", 0.02)
     cross_device_negatives: bool = doc("Gather every rank's embeddings so all ranks share one pool of negatives.", True)
     mask_duplicates: bool = doc("Mask candidates whose document equals the query's positive (same text hash).", True)
+    guide_model: Optional[str] = doc(
+        "Guided false-negative filtering (GISTEmbed): a frozen model (hub id, directory or "
+        "`builtin:tiny-ko-bert`; may be model.name_or_path itself) that scores every in-batch candidate; "
+        "candidates it rates above the query's positive (less guide_margin) are masked as likely false "
+        "negatives. It must use the model's tokenizer; it gets the model's prefixes and pooling, normalized. "
+        "As sentence-transformers' (Cached)GISTEmbedLoss with contrast_anchors and contrast_positives off "
+        "(koe5/train/loss.py). null = no guide.", None)
+    guide_margin_strategy: Literal["absolute", "relative"] = doc(
+        "How guide_margin lowers the threshold: `absolute` masks a candidate the guide scores above "
+        "positive - guide_margin; `relative` above positive - |positive| x guide_margin (cosine scores).",
+        "absolute")
+    guide_margin: float = doc(
+        "The guide's margin, >= 0 (below 2 absolute, below 1 relative); 0 masks only candidates the guide rates "
+        "strictly above the positive, larger masks more.", 0.0)
+    guide_mask: Optional[list[Literal["in_batch", "hard_negatives", "queries"]]] = doc(
+        "Which candidates the guide may mask: `in_batch` (other queries' positives), `hard_negatives` (every "
+        "hard negative in the pool), `queries` (the other queries, in symmetric_infonce's document -> query "
+        "direction); null = every kind the loss has.", None)
+    matryoshka_dims: Optional[list[int]] = doc(
+        "Matryoshka embeddings: the loss is the weighted sum of the loss at each of these widths, on embeddings "
+        "truncated to their first d dimensions and renormalized (as sentence-transformers' MatryoshkaLoss); list "
+        "the model's full width to train it too, e.g. [384, 256, 128, 64]. Needs model.normalize. null = the "
+        "full embeddings only.", None)
+    matryoshka_weights: Optional[list[float]] = doc(
+        "One weight (> 0) per entry of matryoshka_dims, in the same order; null = 1 each.", None)
 
 
 @dataclass

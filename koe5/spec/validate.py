@@ -245,6 +245,8 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: 
     need("data.mixing_temperature", d.mixing_temperature, finite_positive, "expected a temperature > 0")
 
     need("loss.temperature", spec.loss.temperature, finite_positive, "expected a temperature > 0")
+    _check_guide(spec.loss, bad, need, missing, broken)
+    _check_matryoshka(spec, bad, broken)
 
     t = spec.train
     if t.max_steps is None and t.epochs is None and "train.max_steps" not in broken and "train.epochs" not in broken:
@@ -319,6 +321,74 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: 
         bad("train.precision", "fp16 needs a CUDA GPU and train.device is cpu; use fp32 or bf16 on the CPU")
 
     _check_deepspeed(spec, bad, broken, nproc if nproc_ok else 1)
+
+
+def _check_guide(loss: schema.LossSpec, bad: Callable[[str, str], None], need: Callable, missing: Callable,
+                 broken: _Broken) -> None:
+    """loss.guide_*: the guide's own keys do nothing without loss.guide_model, so setting them alone is an
+    error; the margin's range depends on its strategy; `queries` exists only in symmetric_infonce. Whether
+    the guide shares the model's tokenizer needs its tokenizer files: koe5/orchestrate/checks.py."""
+    guide = loss.guide_model
+    if "loss.guide_model" in broken:
+        return
+    if guide is None:
+        for key, value, default in (("guide_margin", loss.guide_margin, 0.0),
+                                    ("guide_margin_strategy", loss.guide_margin_strategy, "absolute"),
+                                    ("guide_mask", loss.guide_mask, None)):
+            if value != default and f"loss.{key}" not in broken:
+                bad(f"loss.{key}", "only used with loss.guide_model (guided false-negative filtering), which is "
+                                   "null; set loss.guide_model or remove this key")
+        return
+    need("loss.guide_model", guide, lambda v: v.strip() != "", "expected a model id or path")
+    if guide.startswith(("/", "./", "../", "~")) and not Path(guide).expanduser().is_dir():
+        missing("loss.guide_model", f"guide model directory {guide} does not exist")
+    if loss.guide_margin_strategy == "relative":
+        need("loss.guide_margin", loss.guide_margin, lambda v: 0 <= v < 1,
+             "expected a relative margin in [0, 1) (a fraction of the positive's guide score)")
+    elif loss.guide_margin_strategy == "absolute":
+        need("loss.guide_margin", loss.guide_margin, lambda v: 0 <= v < 2,
+             "expected an absolute margin in [0, 2) (a difference of cosine scores)")
+    mask = loss.guide_mask
+    if isinstance(mask, list) and "loss.guide_mask" not in broken:
+        if not mask:
+            bad("loss.guide_mask", "expected at least one kind of candidate to mask (or null for all); "
+                                   "to mask nothing, set loss.guide_model to null")
+        elif len(set(mask)) != len(mask):
+            bad("loss.guide_mask", f"each kind at most once, found {mask}")
+        elif "queries" in mask and loss.name == "infonce":
+            bad("loss.guide_mask", "`queries` are candidates only in loss.name symmetric_infonce; "
+                                   "loss.name is infonce")
+
+
+def _check_matryoshka(spec: schema.Spec, bad: Callable[[str, str], None], broken: _Broken) -> None:
+    """loss.matryoshka_*: positive, distinct widths, one positive weight each. Whether a width fits the model
+    needs its config (koe5/orchestrate/checks.py, before any weight loads)."""
+    dims, weights = spec.loss.matryoshka_dims, spec.loss.matryoshka_weights
+    if "loss.matryoshka_dims" in broken or "loss.matryoshka_weights" in broken:
+        return
+    if dims is None:
+        if weights is not None:
+            bad("loss.matryoshka_weights", "only used with loss.matryoshka_dims, which is null; set the widths "
+                                           "or remove this key")
+        return
+    if not dims:
+        bad("loss.matryoshka_dims", "expected at least one width (or null for the full embeddings only)")
+        return
+    for i, dim in enumerate(dims):
+        if dim is not None and dim <= 0:
+            bad(f"loss.matryoshka_dims[{i}]", f"expected a positive width, found {dim}")
+    if len(set(dims)) != len(dims):
+        bad("loss.matryoshka_dims", f"each width at most once, found {dims}")
+    if spec.model is not None and spec.model.normalize is False and "model.normalize" not in broken:
+        bad("loss.matryoshka_dims", "truncated embeddings are renormalized (cosine scores), so the full width "
+                                    "must be normalized too; set model.normalize true")
+    if weights is not None:
+        if len(weights) != len(dims):
+            bad("loss.matryoshka_weights", f"expected one weight per width of loss.matryoshka_dims ({len(dims)}), "
+                                           f"found {len(weights)}")
+        for i, w in enumerate(weights):
+            if w is not None and not (math.isfinite(w) and w > 0):
+                bad(f"loss.matryoshka_weights[{i}]", f"expected a weight > 0, found {w}")
 
 
 def _check_source_format(s: schema.SourceSpec, at: str, bad: Callable[[str, str], None], need: Callable,

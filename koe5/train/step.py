@@ -1,4 +1,9 @@
-"""One optimizer step of contrastive training on a DeepSpeed engine, with or without GradCache."""
+"""One optimizer step of contrastive training on a DeepSpeed engine, with or without GradCache.
+
+With a guide model (`loss.guide_model`, koe5/train/guide.py) the guide embeds the same chunks without
+grad, after the model's no-grad pass (the guide is in eval mode and draws no random numbers, so the
+replayed chunks see the dropout masks they saw before); its embeddings only mask candidates in the loss
+(koe5/train/loss.py) and are never replayed."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import Optional
 import torch
 
 from koe5.train.gradcache import embed_without_grad, make_chunks, pad_chunk_count, replay
-from koe5.train.loss import LossResult, contrastive_loss
+from koe5.train.loss import GuideConfig, LossResult, MatryoshkaConfig, contrastive_loss
 
 
 class NonFiniteLoss(RuntimeError):
@@ -26,20 +31,29 @@ class StepConfig:
     chunk_size: int = 32
     chunk_tokens: Optional[int] = None
     bf16: bool = False  # forwards under bf16 autocast; weights and gradients stay float32
+    guide: Optional[GuideConfig] = None  # guided false-negative filtering; train_step then needs guide_model
+    matryoshka: Optional[MatryoshkaConfig] = None  # the loss at several truncated widths
 
 
 def train_step(engine, queries: dict, documents: dict, doc_ids: torch.Tensor, cfg: StepConfig,
-               device: torch.device) -> LossResult:
+               device: torch.device, guide_model=None) -> LossResult:
     """Forward, loss, backward and optimizer step. `engine` is a DeepSpeed engine (or anything with
-    __call__, backward and step); the batches are tokenized and already on `device`."""
+    __call__, backward and step); the batches are tokenized and already on `device`. `guide_model` is the
+    frozen guide (an EmbeddingModel in eval mode, normalizing) when cfg.guide is set."""
+    if (cfg.guide is None) != (guide_model is None):
+        raise ValueError("StepConfig.guide and guide_model go together: give both or neither")
     loss_kwargs = dict(name=cfg.loss_name, temperature=cfg.temperature, mask_duplicates=cfg.mask_duplicates,
-                       cross_device=cfg.cross_device)
+                       cross_device=cfg.cross_device, guide=cfg.guide, matryoshka=cfg.matryoshka)
     model = _autocast(engine, device) if cfg.bf16 else engine
+    guide = None if guide_model is None else _autocast(guide_model, device) if cfg.bf16 else guide_model
     if cfg.cache:
         q_chunks = pad_chunk_count(make_chunks(queries, cfg.chunk_size, cfg.chunk_tokens), device)
         d_chunks = pad_chunk_count(make_chunks(documents, cfg.chunk_size, cfg.chunk_tokens), device)
         q_emb, q_states = embed_without_grad(model, queries, q_chunks, device)
         d_emb, d_states = embed_without_grad(model, documents, d_chunks, device)
+        if guide is not None:  # the same chunks, once each, no grad; the RNG states are not needed
+            loss_kwargs.update(guide_q=embed_without_grad(guide, queries, q_chunks, device)[0],
+                               guide_d=embed_without_grad(guide, documents, d_chunks, device)[0])
         result = contrastive_loss(q_emb, d_emb, doc_ids, **loss_kwargs)
         _check_finite(result)
         replay(model, queries, q_chunks, q_states, result.grad_q, engine.backward)
@@ -47,6 +61,9 @@ def train_step(engine, queries: dict, documents: dict, doc_ids: torch.Tensor, cf
     else:
         q_emb = model(**queries)
         d_emb = model(**documents)
+        if guide is not None:
+            with torch.no_grad():
+                loss_kwargs.update(guide_q=guide(**queries), guide_d=guide(**documents))
         result = contrastive_loss(q_emb, d_emb, doc_ids, **loss_kwargs)
         _check_finite(result)
         engine.backward((q_emb * result.grad_q).sum() + (d_emb * result.grad_d).sum())

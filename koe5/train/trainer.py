@@ -32,6 +32,8 @@ from koe5.model import EmbeddingModel, load_backbone, model_max_length, resolve_
 from koe5.spec.deepspeed import deepspeed_config, trainer_clips
 from koe5.spec.schema import Spec
 from koe5.train import checkpoint
+from koe5.train.guide import load_guide
+from koe5.train.loss import GUIDE_MASKS, GuideConfig, MatryoshkaConfig
 from koe5.train.step import StepConfig, train_step
 
 
@@ -150,10 +152,20 @@ def build_engine(spec: Spec, model_path: str, world: int, total_steps: int):
 
 
 def step_config(spec: Spec) -> StepConfig:
-    return StepConfig(loss_name=spec.loss.name, temperature=spec.loss.temperature,
-                      mask_duplicates=spec.loss.mask_duplicates, cross_device=spec.loss.cross_device_negatives,
+    loss = spec.loss
+    guide = None
+    if loss.guide_model is not None:  # guide_mask null: every kind of candidate the loss has
+        guide = GuideConfig(margin=loss.guide_margin, margin_strategy=loss.guide_margin_strategy,
+                            mask=tuple(loss.guide_mask if loss.guide_mask is not None else GUIDE_MASKS))
+    matryoshka = None
+    if loss.matryoshka_dims is not None:  # matryoshka_weights null: 1 each
+        matryoshka = MatryoshkaConfig(dims=tuple(loss.matryoshka_dims),
+                                      weights=tuple(loss.matryoshka_weights or [1.0] * len(loss.matryoshka_dims)))
+    return StepConfig(loss_name=loss.name, temperature=loss.temperature,
+                      mask_duplicates=loss.mask_duplicates, cross_device=loss.cross_device_negatives,
                       cache=spec.cache.enabled, chunk_size=spec.cache.chunk_size,
-                      chunk_tokens=spec.cache.chunk_tokens, bf16=spec.train.precision == "bf16")
+                      chunk_tokens=spec.cache.chunk_tokens, bf16=spec.train.precision == "bf16", guide=guide,
+                      matryoshka=matryoshka)
 
 
 def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dict:
@@ -166,6 +178,7 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
     # Before the process group exists: transformers writes files only on rank 0 of an initialized group,
     # and whichever rank builds the demo model must write it.
     model_path = resolve_model_path(spec.model.name_or_path)
+    guide_path = resolve_model_path(spec.loss.guide_model) if spec.loss.guide_model else None
     rank, local_rank, world = init_distributed(device.type)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -176,6 +189,8 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
     total_steps = data.total_steps()
 
     engine, backbone, tokenizer, grad_norm = build_engine(spec, model_path, world, total_steps)
+    # Outside deepspeed.initialize: the frozen guide holds no optimizer state and no ZeRO partition.
+    guide = load_guide(spec, model_path, guide_path, device) if guide_path else None
     seed_everything(spec.seed * 1000 + rank)
 
     cfg = step_config(spec)
@@ -208,7 +223,7 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
         rows = rank_slice(batch, rank, world)
         queries, documents, doc_ids, n_tokens = data.collate(rows, device)
 
-        result = train_step(engine, queries, documents, doc_ids, cfg, device)
+        result = train_step(engine, queries, documents, doc_ids, cfg, device, guide_model=guide)
 
         window_triples += len(rows) * world
         window_tokens += n_tokens * world
@@ -224,6 +239,8 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
                 "triples_per_s": window_triples / (now - window_start),
                 "tokens_per_s": window_tokens / (now - window_start),
                 "margin": result.margin, "false_neg_frac": result.false_neg_frac,
+                **({} if guide is None else {"guide_masked": result.guide_masked,
+                                             "guide_masked_frac": result.guide_masked_frac}),
                 "elapsed_s": now - start,
             }
             with open(log_path, "a", encoding="utf-8") as f:
