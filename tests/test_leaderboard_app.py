@@ -592,7 +592,7 @@ def test_run_view_draws_the_metric_against_the_step(evaluated, monkeypatch):
     assert drawn() == expected
     picker.set_value("Recall@10").run()
     assert drawn() == {(r["step"], r["benchmark"]): pytest.approx(100 * r["metrics"]["recall@10"]) for r in rows}
-    captions = " ".join(c.value for c in app.caption)
+    captions = " ".join(c.value for c in app.caption).lower()
     assert "9.0 s of the 90.0 s training loop (10.0%)" in captions
     assert "exported step 100 of 150" in captions and "stopped early after step 150 of 400" in captions
 
