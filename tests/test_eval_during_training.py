@@ -176,3 +176,30 @@ def test_early_stopping_ends_the_run_finished_and_the_registry_has_every_evaluat
                           env={**os.environ, "KOE5_REGISTRY": str(registry), "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     assert "stopped early after step 3 of 10" in show.stdout
     assert "evaluation during training took" in show.stdout
+
+
+def test_a_resumed_run_forgets_later_evaluations_and_keeps_the_best_weights_as_of_its_checkpoint(tmp_path):
+    """Resuming from the checkpoint of step 4: the evaluations after it go (the run repeats those steps), and
+    so do their best files, while the best as of step 4 (step 2, kept beside the later best when the
+    checkpoint was written) is what the resumed run continues from and would export."""
+    from test_distributed import _workdir
+
+    from koe5.model import resolve_model_path
+    from koe5.spec import expand
+    from koe5.train.evaluation import DuringTraining, best_file, save_best
+
+    spec = expand(_workdir() / "spec.yaml", list(KEEP_BEST))[0].spec
+    rows = [(2, 0.5), (4, 0.4), (6, 0.7)]
+    (tmp_path / "eval_log.jsonl").write_text("".join(
+        json.dumps({"step": s, "benchmark": "ko-sample", "metrics": {"ndcg@10": v}, "seconds": 1.0}) + "\n"
+        for s, v in rows) + '{"step": 8, "bench')  # and a row torn by the crash
+    weights = {step: {"w": torch.full((2,), float(step))} for step, _ in rows}
+    save_best(tmp_path, 2, weights[2], keep=set())
+    save_best(tmp_path, 6, weights[6], keep={2})  # step 2 was the best when step 4's checkpoint was written
+
+    during = DuringTraining(spec, resolve_model_path(spec.model.name_or_path), torch.device("cpu"), tmp_path, 0)
+    during.resume(4)
+    assert [json.loads(line)["step"] for line in (tmp_path / "eval_log.jsonl").read_text().splitlines()] == [2, 4]
+    assert not best_file(tmp_path, 6).exists() and best_file(tmp_path, 2).exists()
+    assert (during.best.step, during.best.value, during.best.since) == (2, 0.5, 1)
+    assert torch.equal(during.export_state()["w"], weights[2]["w"])
