@@ -16,10 +16,10 @@ import streamlit as st
 
 from koe5.registry import Registry, RegistryError
 from koe5.registry.board import (CURVES, DELTA_MODES, TABLE_METRICS, X100, candidate_benchmark_paths, column_name,
-                                 flat_spec, leaderboard, load_metrics, load_runs, load_train_log, metric_label,
+                                 eval_curve, flat_spec, leaderboard, load_metrics, load_runs, load_train_log, metric_label,
                                  metric_options, parse_metric_label, runs_with_train_log, spec_key_options,
                                  sweep_baselines, sweep_keys, sweep_points, wins_losses, with_texts)
-from koe5.registry.commands import per_query_metric_columns, run_per_query
+from koe5.registry.commands import curve_metric, per_query_metric_columns, run_per_query, training_notes
 from koe5.registry.store import METRICS
 from koe5.spec.diff import diff_yaml
 
@@ -230,6 +230,29 @@ def run_metrics_table(rows: list[dict]) -> pd.DataFrame:
                          "fingerprint": df["fingerprint"], "evaluator": df["evaluator_version"]})
 
 
+def view_eval_during_training(run: dict) -> None:
+    """The curve of a metric against the step from the evaluations during training (eval.every), and what
+    they cost, the step exported (train.keep_best) and an early stop."""
+    notes = training_notes(run.get("train_summary"))
+    if not run["eval_log"] and not notes:
+        return
+    st.markdown("**During training**")
+    for note in notes:
+        st.caption(note[0].upper() + note[1:] + ".")
+    if not run["eval_log"]:
+        return
+    options = metric_options(pd.DataFrame(run["eval_log"]))
+    default = metric_label(*parse_metric_label(curve_metric(run["eval_log"], run.get("train_summary"))))
+    metric = st.selectbox("Metric during training", options, index=options.index(default) if default in options
+                          else 0, key="eval_curve_metric")
+    curve = eval_curve(run["eval_log"], metric)
+    value = metric + X100
+    st.altair_chart(alt.Chart(curve).mark_line(point=True).encode(
+        x=alt.X("step:Q", title="step"), y=alt.Y(f"{value}:Q", title=value),
+        color=alt.Color("benchmark:N", title="benchmark"), tooltip=["benchmark:N", "step:Q", f"{value}:Q"]),
+        width="stretch")
+
+
 def view_run(reg: Registry, runs: pd.DataFrame, all_runs: pd.DataFrame) -> None:
     st.subheader("Run")
     if runs.empty:
@@ -245,6 +268,7 @@ def view_run(reg: Registry, runs: pd.DataFrame, all_runs: pd.DataFrame) -> None:
         st.dataframe(run_metrics_table(run["metrics"]), hide_index=True)
     else:
         st.caption("No metrics recorded for this run.")
+    view_eval_during_training(run)
     provenance = {k: run.get(k) for k in ("spec_hash", "git_commit", "git_dirty", "versions", "host", "devices",
                                           "world_size", "data_mix", "created_at", "started_at", "finished_at")}
     st.json({k: (str(v) if hasattr(v, "isoformat") else v) for k, v in provenance.items()}, expanded=False)

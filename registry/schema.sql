@@ -89,3 +89,21 @@ CREATE TABLE IF NOT EXISTS sweeps (
     keys        VARCHAR,           -- JSON list of the swept spec key paths
     created_at  TIMESTAMP NOT NULL -- when the sweep was recorded
 );
+
+-- @version 2
+
+-- Metrics evaluated during training (spec eval.every), folded in from the run's eval_log.jsonl:
+-- one row per (run, step, benchmark, metric, k). The final evaluation stays in `metrics`.
+CREATE TABLE IF NOT EXISTS eval_log (
+    run_id     VARCHAR NOT NULL,  -- runs.run_id
+    step       INTEGER NOT NULL,  -- the optimizer step whose weights were evaluated
+    benchmark  VARCHAR NOT NULL,  -- benchmark name (spec eval.benchmarks[].name)
+    metric     VARCHAR NOT NULL,  -- ndcg | recall | precision | f1 | mrr | map
+    k          INTEGER NOT NULL,  -- cut-off
+    value      DOUBLE NOT NULL,   -- fraction in [0, 1]
+    seconds    DOUBLE             -- wall seconds this benchmark's evaluation took at this step
+);
+
+-- The trainer's train_summary.json: steps done, seconds, eval_seconds, `best` {benchmark, metric, step,
+-- value} (spec train.keep_best: the step exported) and stopped_early_at (the step early stopping ended at).
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS train_summary VARCHAR;

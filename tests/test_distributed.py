@@ -75,11 +75,15 @@ def trained_weights(*overrides: str) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "model" / "model.safetensors")
 
 
+def run_dir(*overrides: str) -> Path:
+    """The run directory trained_weights trains these overrides in (trained first if it was not)."""
+    trained_weights(*overrides)
+    return _workdir() / f"run-{expand(_workdir() / 'spec.yaml', list(overrides))[0].spec_hash}"
+
+
 def train_log(*overrides: str) -> list[dict]:
     """The diagnostics rows (one per step: the workdir spec logs every step) of the run trained_weights made."""
-    trained_weights(*overrides)
-    rs = expand(_workdir() / "spec.yaml", list(overrides))[0]
-    path = _workdir() / f"run-{rs.spec_hash}" / "train_log.jsonl"
+    path = run_dir(*overrides) / "train_log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 

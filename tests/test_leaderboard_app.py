@@ -543,3 +543,65 @@ def test_averages_before_per_benchmark_columns(app, demo):
     assert max(avgs) < min(i for i, c in enumerate(cols) if c.startswith("Δ ")), cols
     config = json.loads(app.dataframe[0].proto.columns)
     assert config.get("name", {}).get("pinned") is True, config
+
+
+# --- Evaluation during training (eval.every): the run page draws a metric against the step.
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """A run with evaluations during training on two benchmarks, folded from an eval_log.jsonl as koe5-run
+    folds the trainer's, and the trainer's summary (keep_best's step, an early stop, evaluation seconds)."""
+    import json
+
+    from koe5.registry.demo import spec_yaml
+
+    tmp = tmp_path_factory.mktemp("board_eval")
+    path = tmp / "reg.duckdb"
+    ids = make_demo_registry(path)
+    reg = Registry(path)
+    ids["evaluated"] = reg.create_run("eval-every", "hash-eval-every", spec_yaml("eval-every"), status="running")
+    rows = [{"step": step, "benchmark": bench, "seconds": 1.5,
+             "metrics": {"ndcg@10": value, "recall@10": min(1.0, value + 0.2)}}
+            for step, a, b in ((50, 0.31, 0.40), (100, 0.36, 0.42), (150, 0.34, 0.45))
+            for bench, value in (("ko-strategyqa", a), ("autorag-ko", b))]
+    (tmp / "eval_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reg.fold_eval_log(ids["evaluated"], tmp / "eval_log.jsonl")
+    reg.set_train_summary(ids["evaluated"], {
+        "steps": 150, "total_steps": 400, "seconds": 90.0, "eval_seconds": 9.0, "stopped_early_at": 150,
+        "best": {"benchmark": "ko-strategyqa", "metric": "ndcg@10", "step": 100, "value": 0.36}})
+    reg.set_status(ids["evaluated"], "finished")
+    return path, ids, rows
+
+
+def test_run_view_draws_the_metric_against_the_step(evaluated, monkeypatch):
+    path, ids, rows = evaluated
+    app = open_app(path, monkeypatch)
+    app.sidebar.radio[0].set_value("Run").run()
+    app.selectbox(key="run_page").set_value(f"eval-every ({ids['evaluated']})").run()
+    assert not app.exception
+    picker = app.selectbox(key="eval_curve_metric")
+    assert picker.value == "NDCG@10"  # the metric keep_best watched
+    assert picker.options == ["NDCG@10", "Recall@10"]
+
+    def drawn() -> dict:
+        (_, data), = [(m, d) for m, d in _chart_layers(_charts(app)[0]) if m == "line"]
+        value = next(c for c in data.columns if c.endswith("(x100)"))
+        return {(int(r["step"]), r["benchmark"]): r[value] for _, r in data.iterrows()}
+
+    expected = {(r["step"], r["benchmark"]): pytest.approx(100 * r["metrics"]["ndcg@10"]) for r in rows}
+    assert drawn() == expected
+    picker.set_value("Recall@10").run()
+    assert drawn() == {(r["step"], r["benchmark"]): pytest.approx(100 * r["metrics"]["recall@10"]) for r in rows}
+    captions = " ".join(c.value for c in app.caption).lower()
+    assert "9.0 s of the 90.0 s training loop (10.0%)" in captions
+    assert "exported step 100 of 150" in captions and "stopped early after step 150 of 400" in captions
+
+
+def test_run_view_of_a_run_without_evaluations_during_training_has_no_curve(evaluated, monkeypatch):
+    path, ids, _ = evaluated
+    app = open_app(path, monkeypatch)
+    app.sidebar.radio[0].set_value("Run").run()
+    app.selectbox(key="run_page").set_value(f"e5-small-ko-ft ({ids['trained']})").run()
+    assert not app.exception
+    assert not [s for s in app.selectbox if s.key == "eval_curve_metric"]
+    assert not any("During training" in m.value for m in app.markdown)

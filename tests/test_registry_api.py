@@ -210,16 +210,19 @@ def test_additive_migration(tmp_path, monkeypatch):
     reg = Registry(tmp_path / "m.duckdb")
     rid = reg.create_run("old", "h", "")
     schema = connect_mod.schema_path().read_text()
+    versions = [v for v, _ in connect_mod.schema_sections(schema)]
+    assert versions == list(range(1, len(versions) + 1))  # numbered 1, 2, ... in order
+    nxt = versions[-1] + 1
     newer = tmp_path / "schema.sql"
-    newer.write_text(schema + "\n-- @version 2\nALTER TABLE runs ADD COLUMN IF NOT EXISTS note VARCHAR;\n")
+    newer.write_text(schema + f"\n-- @version {nxt}\nALTER TABLE runs ADD COLUMN IF NOT EXISTS note VARCHAR;\n")
     monkeypatch.setattr(connect_mod, "schema_path", lambda: newer)
     reg.heartbeat(rid)  # any write migrates
     cols, rows = reg.query("SELECT version FROM schema_version ORDER BY version")
-    assert [r[0] for r in rows] == [1, 2]
+    assert [r[0] for r in rows] == versions + [nxt]
     _, rows = reg.query("SELECT name, note FROM runs")
     assert rows == [("old", None)]
     reg.heartbeat(rid)  # and only once
-    assert len(reg.query("SELECT * FROM schema_version")[1]) == 2
+    assert len(reg.query("SELECT * FROM schema_version")[1]) == nxt
 
 
 def test_reader_and_writer_wait_for_each_other(reg):

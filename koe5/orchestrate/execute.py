@@ -110,6 +110,7 @@ def execute(rs, registry, run_id: str, run_dir: Path, *, baseline_sweep: str | N
     from koe5 import track
     from koe5.launch import resolve_backend, run_training, training_command
     from koe5.orchestrate.evaluation import evaluate_baseline, evaluate_trained, update_model_card
+    from koe5.registry.commands import training_notes
 
     spec = rs.spec
     heartbeat = Heartbeat(registry, run_id, run_dir / "train_log.jsonl")
@@ -133,6 +134,8 @@ def execute(rs, registry, run_id: str, run_dir: Path, *, baseline_sweep: str | N
                 track.finish(spec, run_dir, [], None, "failed")
                 print(f"koe5-run: run {run_id} failed: {error}", file=sys.stderr)
                 return EXIT_FAILED
+            for note in training_notes(registry.get_run(run_id).get("train_summary")):
+                print(note)  # evaluation time, the best step exported, an early stop
             model_dir = run_dir / "model"
             registry.add_artifact(run_id, "model", str(model_dir))
             results = evaluate_trained(registry, run_id, str(model_dir), spec, run_dir / "eval", baseline_id)

@@ -16,7 +16,7 @@ HEARTBEAT_S = float(os.environ.get("KOE5_HEARTBEAT_S", "10"))
 
 
 class Heartbeat(threading.Thread):
-    """Tells the registry this run is alive and folds new training-log rows in, every few seconds.
+    """Tells the registry this run is alive and folds new training-log and eval-log rows in, every few seconds.
     A run whose heartbeat stops (SIGKILL, power loss) shows as `crashed` to readers."""
 
     def __init__(self, registry, run_id: str, log_path: Path):
@@ -30,6 +30,9 @@ class Heartbeat(threading.Thread):
                 self.registry.heartbeat(self.run_id)
                 if self.log_path.exists():
                     self.registry.fold_train_log(self.run_id, self.log_path)
+                eval_log = self.log_path.parent / "eval_log.jsonl"  # evaluations during training (eval.every)
+                if eval_log.exists():
+                    self.registry.fold_eval_log(self.run_id, eval_log)
             except Exception as e:  # a busy registry must never stop training
                 print(f"koe5-run: heartbeat skipped ({e})", file=sys.stderr)
 
@@ -62,11 +65,18 @@ def signals_raise_killed():
 
 
 def fold_outputs(registry, run_id: str, run_dir: Path) -> None:
-    """Fold what the ranks wrote into the run's rows: the training log and the data mix (with the
-    orchestrator's own data checks beside what was drawn)."""
+    """Fold what the ranks wrote into the run's rows: the training log, the evaluations during training,
+    the training summary (steps, seconds, evaluation seconds, best step, early stop) and the data mix (with
+    the orchestrator's own data checks beside what was drawn)."""
     log = run_dir / "train_log.jsonl"
     if log.exists():
         registry.fold_train_log(run_id, log)
+    eval_log = run_dir / "eval_log.jsonl"
+    if eval_log.exists():
+        registry.fold_eval_log(run_id, eval_log)
+    summary = run_dir / "train_summary.json"
+    if summary.exists():
+        registry.set_train_summary(run_id, json.loads(summary.read_text()))
     mix = run_dir / "data_mix.json"
     checks = run_dir / "data_checks.json"
     if mix.exists():

@@ -218,6 +218,15 @@ def load_train_log(reg: Registry, run_ids: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+def eval_curve(rows: list[dict], metric: str) -> pd.DataFrame:
+    """A run's evaluations during training (get_run's `eval_log`) as the curve of one metric (NAME@K):
+    columns step, benchmark and the value x100, by step."""
+    name, k = parse_metric_label(metric)
+    df = pd.DataFrame(rows, columns=["step", "benchmark", "metric", "k", "value", "seconds"])
+    df = df[(df["metric"] == name) & (df["k"] == k)].sort_values(["benchmark", "step"], kind="stable")
+    return pd.DataFrame({"step": df["step"], "benchmark": df["benchmark"], metric + X100: df["value"] * 100})
+
+
 def runs_with_train_log(reg: Registry) -> set[str]:
     try:
         _, rows = reg.query("SELECT DISTINCT run_id FROM train_log")

@@ -159,13 +159,59 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def training_notes(summary: dict | None) -> list[str]:
+    """What a run's train_summary says about its evaluations during training, one sentence each: their
+    share of the training loop's time, the step exported by train.keep_best and an early stop."""
+    if not summary or summary.get("eval_seconds") is None:
+        return []
+    notes = []
+    seconds, evaluating = summary.get("seconds") or 0.0, summary["eval_seconds"]
+    if evaluating:
+        share = f" ({100 * evaluating / seconds:.1f}%)" if seconds else ""
+        notes.append(f"evaluation during training took {evaluating:.1f} s of the {seconds:.1f} s training "
+                     f"loop{share}")
+    best = summary.get("best") or {}
+    if best.get("step") is not None:
+        notes.append(f"exported step {best['step']} of {summary.get('steps')}, the best by {best['metric']} on "
+                     f"{best['benchmark']}: {100 * best['value']:.2f} (x100)")
+    if summary.get("stopped_early_at") is not None:
+        notes.append(f"stopped early after step {summary['stopped_early_at']} of {summary.get('total_steps')}: "
+                     f"no better {best.get('metric')} for train.keep_best.patience evaluations")
+    return notes
+
+
+def curve_metric(rows: list[dict], summary: dict | None) -> str:
+    """The metric a curve of the evaluations during training shows first: the one train.keep_best watched,
+    else ndcg@10, else NDCG at the largest cut-off evaluated."""
+    best = (summary or {}).get("best") or {}
+    present = {(r["metric"], r["k"]) for r in rows}
+    if best.get("metric"):
+        return best["metric"]
+    if ("ndcg", 10) in present or not present:
+        return "ndcg@10"
+    return f"ndcg@{max(k for m, k in present if m == 'ndcg')}"
+
+
+def eval_log_table(rows: list[dict], metric: str) -> str:
+    """The evaluations during training as a table: one row per step, one column per benchmark, `metric`
+    (NAME@K) x100."""
+    name, k = parse_metric(metric)
+    chosen = [r for r in rows if r["metric"] == name and r["k"] == k]
+    benchmarks = sorted({r["benchmark"] for r in chosen})
+    by_step: dict[int, dict[str, float]] = {}
+    for r in chosen:
+        by_step.setdefault(r["step"], {})[r["benchmark"]] = r["value"]
+    return _table(["step"] + [f"{b} {metric} (x100)" for b in benchmarks],
+                  [[step] + [x100(values.get(b)) for b in benchmarks] for step, values in sorted(by_step.items())])
+
+
 @_cli_errors
 def cmd_show(args: argparse.Namespace) -> int:
     run = _registry(args).get_run(args.run)
     if args.json:
         _print_json(run)
         return 0
-    skip = {"spec_yaml", "metrics", "artifacts"}
+    skip = {"spec_yaml", "metrics", "artifacts", "eval_log"}
     for key, value in run.items():
         if key not in skip and value not in (None, [], {}):
             print(f"{key:15} {json.dumps(value, default=str, ensure_ascii=False) if isinstance(value, (dict, list)) else value}")
@@ -175,6 +221,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(_table(["benchmark", "metric", "value (x100)", "fingerprint", "evaluator"],
                      [[m["benchmark"], f"{m['metric']}@{m['k']}", x100(m["value"]), m["fingerprint"],
                        m["evaluator_version"]] for m in metrics]))
+    notes = training_notes(run.get("train_summary"))
+    if run["eval_log"] or notes:
+        print("\nduring training:")
+        for note in notes:
+            print("  " + note)
+        if run["eval_log"]:
+            print(eval_log_table(run["eval_log"], curve_metric(run["eval_log"], run.get("train_summary"))))
     print("\nspec:\n" + "\n".join("  " + line for line in run["spec_yaml"].rstrip().splitlines()))
     if run["artifacts"]:
         print("\nartifacts:")

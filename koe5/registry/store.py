@@ -27,7 +27,7 @@ HEADLINE = "ndcg@10"  # shown by `koe5 ls` when no --sort metric is given
 # Columns of train_log with their own column; any other key of a log line goes to `extra`.
 TRAIN_LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "triples_per_s", "tokens_per_s", "margin",
                      "false_neg_frac", "elapsed_s")
-JSON_COLUMNS = ("tags", "sweep_values", "versions", "devices", "ds_config", "data_mix")
+JSON_COLUMNS = ("tags", "sweep_values", "versions", "devices", "ds_config", "data_mix", "train_summary")
 
 
 def heartbeat_timeout_s() -> float:
@@ -234,10 +234,54 @@ class Registry:
         return len(rows)
 
     def drop_train_log_after(self, run_id: str, step: int) -> None:
-        """Forget logged steps after `step`: a run resuming from that checkpoint logs them again."""
+        """Forget logged steps (training log and evaluations during training) after `step`: a run resuming
+        from that checkpoint logs them again."""
         with write_connection(self.path) as con:
             self._require(con, run_id)
-            con.execute("DELETE FROM train_log WHERE run_id = ? AND step > ?", [run_id, step])
+            for table in ("train_log", "eval_log"):
+                con.execute(f"DELETE FROM {table} WHERE run_id = ? AND step > ?", [run_id, step])
+
+    def fold_eval_log(self, run_id: str, jsonl_path: str | Path) -> int:
+        """Insert the evaluations during training (eval_log.jsonl: one line per step and benchmark) not
+        recorded yet; returns how many lines were added. A torn last line waits for the next call, as in
+        `fold_train_log`; a (step, benchmark) written twice keeps its later line."""
+        jsonl_path = Path(jsonl_path)
+        if not jsonl_path.exists():
+            return 0
+        lines = [(i, line) for i, line in enumerate(jsonl_path.read_text(encoding="utf-8").split("\n"), start=1)
+                 if line.strip()]
+        rows: dict[tuple[int, str], dict] = {}
+        for i, line in lines:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                if i == lines[-1][0]:
+                    continue
+                raise RegistryError(f"{jsonl_path}:{i}: not valid JSON. Each line of an eval log must be one "
+                                    f"JSON object; fix or delete that line and fold again.") from None
+            if not (isinstance(obj, dict) and isinstance(obj.get("step"), int) and isinstance(obj.get("benchmark"), str)
+                    and isinstance(obj.get("metrics"), dict)):
+                raise RegistryError(f"{jsonl_path}:{i}: each eval-log line needs an integer \"step\", a "
+                                    f"\"benchmark\" name and a \"metrics\" object.")
+            rows[(obj["step"], obj["benchmark"])] = obj
+        with write_connection(self.path) as con:
+            self._require(con, run_id)
+            done = set(con.execute("SELECT DISTINCT step, benchmark FROM eval_log WHERE run_id = ?",
+                                   [run_id]).fetchall())
+            new = []
+            for key in sorted(set(rows) - done):
+                obj = rows[key]
+                for name, value in obj["metrics"].items():
+                    metric, k = parse_metric(name)
+                    new.append([run_id, key[0], key[1], metric, k, float(value), obj.get("seconds")])
+            if new:
+                con.executemany("INSERT INTO eval_log VALUES (?, ?, ?, ?, ?, ?, ?)", new)
+        return len(set(rows) - done)
+
+    def set_train_summary(self, run_id: str, summary: dict) -> None:
+        with write_connection(self.path) as con:
+            self._require(con, run_id)
+            con.execute("UPDATE runs SET train_summary = ? WHERE run_id = ?", [_json(summary), run_id])
 
     def create_sweep(self, name: str, spec_path: str | Path | None, keys: list[str]) -> str:
         now = utcnow()
@@ -251,7 +295,7 @@ class Registry:
         with write_connection(self.path) as con:
             self._require(con, run_id)
             con.execute("BEGIN TRANSACTION")
-            for table in ("metrics", "train_log", "artifacts", "runs"):
+            for table in ("metrics", "train_log", "eval_log", "artifacts", "runs"):
                 con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
             con.execute("COMMIT")
 
@@ -270,7 +314,8 @@ class Registry:
         """The run `ref` names (see RUN_REF_HELP), with its metrics and artifacts.
 
         JSON columns come back decoded; `status` is the effective status (`crashed` for a running run with a
-        stale heartbeat) and `recorded_status` the stored one; `metrics` and `artifacts` are lists of dicts.
+        stale heartbeat) and `recorded_status` the stored one; `metrics`, `artifacts` and `eval_log` (the
+        evaluations during training, by step) are lists of dicts.
         """
         with read_connection(self.path) as con:
             runs = [] if con is None else _rows(con, "SELECT run_id, name, kind FROM runs ORDER BY created_at, run_id")
@@ -280,6 +325,8 @@ class Registry:
                                         "FROM metrics WHERE run_id = ? ORDER BY benchmark, metric, k", [run_id])
             run["artifacts"] = _rows(con, "SELECT kind, path, created_at FROM artifacts WHERE run_id = ? "
                                           "ORDER BY created_at", [run_id])
+            run["eval_log"] = _rows(con, "SELECT step, benchmark, metric, k, value, seconds FROM eval_log "
+                                         "WHERE run_id = ? ORDER BY step, benchmark, metric, k", [run_id])
             return run
 
     def list_runs(self, status: str | None = None, tag: str | None = None, name_glob: str | None = None,

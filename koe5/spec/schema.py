@@ -189,6 +189,19 @@ class CacheSpec:
 
 
 @dataclass
+class KeepBestSpec:
+    metric: Optional[str] = doc(
+        "Export the best step evaluated during training (eval.every) instead of the last, by this metric, written "
+        "NAME@K (ndcg, recall, precision, f1, mrr or map; K one of eval.k; higher is better, a tie keeps the "
+        "earlier step); the registry records which step won and its value. null = export the last step.", None)
+    benchmark: Optional[str] = doc("The benchmark (one evaluated during training, see eval.during) whose metric "
+                                   "picks the best step; null = the first one evaluated during training.", None)
+    patience: Optional[int] = doc(
+        "Early stopping: end the run (finished, not failed) after this many evaluations in a row without a "
+        "better value, exporting the best step; null = train to the end.", None)
+
+
+@dataclass
 class TrainSpec:
     batch_size: int = doc("Global batch size, counted in queries (summed over all ranks).", 32)
     max_steps: Optional[int] = doc("Stop after this many optimizer steps (wins over epochs).", None)
@@ -217,6 +230,7 @@ class TrainSpec:
         "Write a checkpoint (weights, optimizer, scheduler, RNG states, step) every this many steps; null "
         "writes none. A run killed after a checkpoint resumes from it exactly.", None, resume_safe=True)
     keep_checkpoints: int = doc("How many of the newest checkpoints to keep.", 2, resume_safe=True)
+    keep_best: KeepBestSpec = doc("Best-step selection and early stopping on evaluations during training.", None)
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = doc(
         "Experiment trackers that also receive the run, each through its own library (`pip install "
         "koe5[trackers]`; koe5/track.py): the flattened resolved spec and its hash as params, every training "
@@ -272,6 +286,13 @@ class EvalSpec:
         "documents are not cut at the training truncation (model.passage_max_len).", None, resume_safe=True)
     baseline: bool = doc("Also evaluate the model before training and record it as a baseline run.", False,
                          resume_safe=True)
+    every: Optional[int] = doc(
+        "Also evaluate during training, every this many optimizer steps and at the last step (rank 0 of the "
+        "trainer, into <run dir>/eval_log.jsonl, folded into the registry with each step); null = only after "
+        "training.", None, resume_safe=True)
+    during: list[str] = doc(
+        "Names of eval.benchmarks evaluated during training (a large benchmark every eval.every steps costs "
+        "time); empty = all of them. After training every benchmark is evaluated as usual.", [], resume_safe=True)
 
 
 @dataclass
@@ -292,7 +313,7 @@ class Spec:
     train: TrainSpec = doc("Optimisation settings.", None)
     deepspeed: DeepSpeedSpec = doc("DeepSpeed engine settings.", None)
     launch: LaunchSpec = doc("Process launch settings.", None)
-    eval: EvalSpec = doc("Evaluation after training.", None)
+    eval: EvalSpec = doc("Evaluation after training (and during it, with eval.every).", None)
     registry: RegistrySpec = doc("Where runs are recorded.", None)
 
     def __post_init__(self) -> None:

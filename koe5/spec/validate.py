@@ -315,6 +315,8 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: 
                 missing(f"eval.benchmarks[{i}].path", f"benchmark directory {b.path} does not exist (expected "
                                                       "BEIR layout: corpus.jsonl, queries.jsonl, qrels/test.tsv)")
 
+    _check_eval_during(spec, bad, need, broken)
+
     # Invalid on every machine, so the dry run refuses it too (what depends on this machine's devices is
     # check_devices', which a spec meant for elsewhere skips).
     if t.device == "cpu" and t.precision == "fp16" and "train.device" not in broken:
@@ -389,6 +391,56 @@ def _check_matryoshka(spec: schema.Spec, bad: Callable[[str, str], None], broken
         for i, w in enumerate(weights):
             if w is not None and not (math.isfinite(w) and w > 0):
                 bad(f"loss.matryoshka_weights[{i}]", f"expected a weight > 0, found {w}")
+def during_benchmarks(spec: schema.Spec) -> list[str]:
+    """Names of the benchmarks evaluated during training: eval.during, else all of eval.benchmarks."""
+    return list(spec.eval.during) or [b.name for b in spec.eval.benchmarks]
+
+
+def split_metric(text: str) -> tuple[str, int] | None:
+    """'ndcg@10' -> ('ndcg', 10); None when it is not NAME@K with a known metric name."""
+    from koe5.eval.metrics import METRICS
+
+    name, _, k = text.strip().lower().partition("@")
+    return (name, int(k)) if name in METRICS and k.isdigit() and int(k) > 0 else None
+
+
+def _check_eval_during(spec: schema.Spec, bad: Callable[[str, str], None], need: Callable, broken: _Broken) -> None:
+    """eval.every, eval.during and train.keep_best: every name they use must exist in eval.benchmarks / eval.k."""
+    e, keep = spec.eval, spec.train.keep_best
+    if not isinstance(e.benchmarks, list) or "eval.benchmarks" in broken or not isinstance(e.during, list):
+        return
+    need("eval.every", e.every, lambda v: v > 0, "expected a positive number of steps (or null)")
+    names = [b.name for b in e.benchmarks if b is not None and isinstance(b.name, str)]
+    if e.every is not None and not names:
+        bad("eval.every", "evaluation during training needs a benchmark: add one to eval.benchmarks")
+    for i, name in enumerate(e.during):
+        if isinstance(name, str) and name not in names:
+            bad(f"eval.during[{i}]", f"no benchmark named {name!r} in eval.benchmarks (names: "
+                                    f"{', '.join(names) or 'none'})." + did_you_mean(name, names))
+    if keep is None:  # the section itself failed its type check
+        return
+    need("train.keep_best.patience", keep.patience, lambda v: v > 0,
+         "expected a positive number of evaluations (or null for no early stopping)")
+    if keep.patience is not None and keep.metric is None and "train.keep_best.metric" not in broken:
+        bad("train.keep_best.patience", "early stopping watches train.keep_best.metric: set it (e.g. ndcg@10)")
+    if keep.metric is None or "train.keep_best.metric" in broken:
+        return
+    if e.every is None:
+        bad("train.keep_best.metric", "picking the best step needs evaluation during training: set eval.every")
+    during = during_benchmarks(spec)
+    if isinstance(keep.benchmark, str) and keep.benchmark not in during:
+        where = "eval.during" if e.during else "eval.benchmarks"
+        bad("train.keep_best.benchmark", f"{keep.benchmark!r} is not evaluated during training ({where}: "
+                                         f"{', '.join(during) or 'none'})." + did_you_mean(keep.benchmark, during))
+    if isinstance(keep.metric, str):
+        parsed = split_metric(keep.metric)
+        if parsed is None:
+            from koe5.eval.metrics import METRICS
+
+            bad("train.keep_best.metric", f"expected NAME@K with NAME one of {', '.join(METRICS)}, e.g. ndcg@10, "
+                                          f"found {keep.metric!r}")
+        elif isinstance(e.k, list) and "eval.k" not in broken and parsed[1] not in e.k:
+            bad("train.keep_best.metric", f"{keep.metric!r} needs k={parsed[1]} in eval.k (which is {e.k})")
 
 
 def _check_source_format(s: schema.SourceSpec, at: str, bad: Callable[[str, str], None], need: Callable,

@@ -4,9 +4,13 @@ It never touches the registry. It writes into the run directory, which the orche
 folds into the registry:
     train_log.jsonl     one diagnostics row at the first step, every train.log_every steps and at the last (rank 0),
                         also sent to the trackers of train.report_to (koe5/track.py)
+    eval_log.jsonl      with eval.every: the metrics of each evaluation during training, per benchmark
+                        (koe5/train/evaluation.py); best/ holds the best step's weights (train.keep_best)
     checkpoints/        every train.save_every steps (koe5/train/checkpoint.py); a restart resumes from them
     data_mix.json       examples and tokens drawn per source
-    model/              the exported sentence-transformers + Hugging Face model
+    model/              the exported sentence-transformers + Hugging Face model (with train.keep_best: the best
+                        step evaluated, else the last)
+    train_summary.json  steps done, seconds, evaluation seconds, the best step and where training stopped early
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from koe5.spec.schema import Spec
 from koe5.train import checkpoint
 from koe5.train.guide import load_guide
 from koe5.train.loss import GUIDE_MASKS, GuideConfig, MatryoshkaConfig
+from koe5.train.evaluation import DuringTraining, is_eval_step
 from koe5.train.step import StepConfig, train_step
 
 
@@ -191,6 +196,8 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
     engine, backbone, tokenizer, grad_norm = build_engine(spec, model_path, world, total_steps)
     # Outside deepspeed.initialize: the frozen guide holds no optimizer state and no ZeRO partition.
     guide = load_guide(spec, model_path, guide_path, device) if guide_path else None
+    # Before the per-rank seed: building rank 0's evaluation model may draw from the global RNG.
+    during = DuringTraining(spec, model_path, device, run_dir, rank)
     seed_everything(spec.seed * 1000 + rank)
 
     cfg = step_config(spec)
@@ -207,12 +214,14 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
         if rank == 0:
             _drop_log_rows_after(log_path, first_step)
             print(f"resumed from {resume_from} (step {first_step} of {total_steps})")
+        during.resume(first_step)
     reporter = track.training(spec, spec_hash, run_dir, rank)  # train.report_to; rank 0 only
     start = time.perf_counter()
     window_start, window_triples, window_tokens = start, 0, 0
     bar = tqdm(total=total_steps, initial=first_step, desc="train", unit="step", disable=rank != 0,
                dynamic_ncols=True)
     result = None
+    steps_done = first_step
     for step in range(first_step, total_steps):
         epoch = step // data.steps_per_epoch
         batch = data.global_batch(step)
@@ -248,11 +257,17 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
             reporter.log(row)
             bar.set_postfix(loss=f"{result.loss:.4f}", triples_s=f"{row['triples_per_s']:.1f}")
             window_start, window_triples, window_tokens = now, 0, 0
+        steps_done = step + 1
+        if is_eval_step(spec.eval.every, step + 1, total_steps) and during.evaluate(engine, step + 1):
+            bar.write(f"stopping early after step {step + 1}: {during.best.metric} on {during.best.benchmark} "
+                      f"has not improved for {during.best.patience} evaluations (best: step {during.best.step})")
+            break
         save_every = spec.train.save_every
         if save_every and (step + 1) % save_every == 0 and step + 1 < total_steps:
             checkpoint.save(engine, run_dir, step + 1, rank=rank, world=world, spec_hash=spec_hash,
                             drawn={"examples": dict(drawn), "tokens": dict(drawn_tokens)},
                             keep=spec.train.keep_checkpoints)
+            during.note_checkpoint()
     bar.close()
     reporter.close()
 
@@ -260,6 +275,7 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
     data_mix = {name: {"examples": drawn[name], "tokens": drawn_tokens[name], "weight": weights.get(name)}
                 for name in drawn}
     state = _full_state_dict(engine, spec)
+    state = during.export_state() or state  # train.keep_best: the best step's weights, not the last
     if rank == 0:
         (run_dir / "data_mix.json").write_text(json.dumps(data_mix, indent=2, ensure_ascii=False))
         card = model_card(name=spec.name, base_model=spec.model.name_or_path, spec_yaml=spec_yaml,
@@ -271,8 +287,8 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
                      # who loads the export must not have long documents cut at a training-speed choice.
                      max_seq_length=model_max_length(backbone.config, tokenizer),
                      state_dict=state, card=card)
-    summary = {"steps": total_steps, "seconds": time.perf_counter() - start, "world_size": world,
-               "final_loss": None if result is None else result.loss}
+    summary = {"steps": steps_done, "total_steps": total_steps, "seconds": time.perf_counter() - start,
+               "world_size": world, "final_loss": None if result is None else result.loss, **during.summary()}
     if rank == 0:
         (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
