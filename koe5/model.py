@@ -55,22 +55,42 @@ def load_backbone(name_or_path: str, dropout: Optional[float] = None):
         for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
             if hasattr(config, key):
                 setattr(config, key, dropout)
-    # The pooler head is never used (koe5 pools itself); leaving it out keeps every parameter trained,
-    # which ZeRO's gradient partitioning expects.
-    extra = {"add_pooling_layer": False} if config.model_type in ("bert", "roberta", "xlm-roberta") else {}
-    # transformers reports the (intentionally) skipped pooler head as unexpected weights; say nothing.
-    # Its per-tensor loading bar is noise too.
+    # transformers' per-tensor loading bar is noise; and a checkpoint saved without the pooler head (koe5's
+    # demo model, exports from before the head was kept) gets a freshly initialized one, which is not news.
     verbosity, bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
-        backbone = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa", **extra)
+        # A head initialized at load draws from the CPU generator; the caller's random state stays as it was.
+        with torch.random.fork_rng(devices=[]):
+            backbone = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa")
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:
             transformers.logging.enable_progress_bar()
+    set_pooler_aside(backbone)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return backbone, tokenizer
+
+
+def set_pooler_aside(backbone: nn.Module) -> None:
+    """Take the pooler head (BERT, XLM-R: a dense layer over the first token) out of the backbone and keep
+    its weights, untouched, in `backbone.koe5_pooler_state` (keys as the full model names them).
+
+    koe5 pools itself, so the head is never used; left in, its parameters would get no gradient, which
+    ZeRO's gradient partitioning does not expect. `koe5.export.export_model` saves the weights back, so the
+    export loads in transformers and sentence-transformers with no missing-weights report, as a model
+    fine-tuned with sentence-transformers does. Only architectures that can run without the head (their
+    constructor takes `add_pooling_layer`) lose it."""
+    import inspect
+
+    pooler = getattr(backbone, "pooler", None)
+    if not isinstance(pooler, nn.Module):
+        return
+    if "add_pooling_layer" not in inspect.signature(type(backbone).__init__).parameters:
+        return
+    backbone.koe5_pooler_state = {f"pooler.{k}": v.detach().cpu().clone() for k, v in pooler.state_dict().items()}
+    backbone.pooler = None
 
 
 def model_max_length(config, tokenizer=None) -> int:

@@ -138,29 +138,49 @@ def write_per_query(result: EvalResult, path: str) -> str:
     return path
 
 
-def mteb_scores(result: EvalResult) -> dict:
+def mteb_scores(result: EvalResult, hf_subset: str = "default") -> dict:
     """Scores named as MTEB names them (`ndcg_at_10`, fractions), plus koe5's F1 and bookkeeping."""
     scores = {f"{m}_at_{k}": v for (m, k), v in sorted(result.metrics.aggregate.items())}
     main_k = 10 if 10 in result.metrics.ks else max(result.metrics.ks)
     scores["main_score"] = result.metrics.aggregate[("ndcg", main_k)]
-    scores["hf_subset"] = "default"
+    scores["hf_subset"] = hf_subset
     scores["languages"] = ["kor-Hang"]
     return scores
 
 
-def write_mteb_json(result: EvalResult, directory: str, model_name: str, split: str = "test") -> str:
-    """Write `<directory>/<benchmark>.json` in the layout of MTEB's result files."""
+def write_mteb_json(result: EvalResult, directory: str, model_name: str, split: str | None = None) -> str:
+    """Write one MTEB result file, `<directory>/<task name>.json`, that `mteb.TaskResult.from_disk` loads.
+
+    A benchmark named after a koe5 preset (`ko-strategyqa`, `autorag`, `publichealthqa`; or the MTEB task
+    name itself, e.g. `Ko-StrategyQA`) is written under its MTEB task name, split, subset and dataset
+    revision (koe5.eval.presets), so the file sits beside MTEB's own results for that task. Any other
+    benchmark keeps koe5's name and records `koe5:<content fingerprint>` as its revision: mteb reads the
+    file, but knows no task of that name. `mteb_version` is null: koe5 computed the scores (with trec_eval
+    semantics, koe5.eval.metrics), not mteb. koe5's own keys (model_name, dataset_fingerprint, ...) ride
+    along; mteb ignores them."""
+    from koe5.eval.metrics import EVALUATOR_VERSION
+    from koe5.eval.presets import mteb_preset
+
+    preset = mteb_preset(result.benchmark)
+    task_name = preset.mteb_task if preset else result.benchmark
+    split = split or (preset.split if preset else "test")
     os.makedirs(directory, exist_ok=True)
     doc = {
-        "task_name": result.benchmark,
-        "model_name": model_name,
-        "dataset_fingerprint": result.fingerprint,  # koe5's content hash of the benchmark
+        "dataset_revision": (preset.revision or "main") if preset else f"koe5:{result.fingerprint}",
+        "task_name": task_name,
+        "mteb_version": None,
         "evaluation_time": sum(result.seconds.values()),
+        "kg_co2_emissions": None,
+        "scores": {split: [mteb_scores(result, (preset.subset or "default") if preset else "default")]},
+        # koe5's bookkeeping
+        "model_name": model_name,
+        "benchmark": result.benchmark,  # koe5's name of the benchmark
+        "dataset_fingerprint": result.fingerprint,  # koe5's content hash of the benchmark
+        "evaluator": EVALUATOR_VERSION,
         "n_queries": result.metrics.n_queries,
         "n_excluded_queries": result.metrics.n_excluded,
-        "scores": {split: [mteb_scores(result)]},
     }
-    path = os.path.join(directory, f"{result.benchmark}.json")
+    path = os.path.join(directory, f"{task_name}.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(doc, f, ensure_ascii=False, indent=2)
     return path

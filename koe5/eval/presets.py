@@ -48,6 +48,13 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def mteb_preset(benchmark_name: str) -> Preset | None:
+    """The preset a benchmark name stands for, by koe5's preset name or by its MTEB task name (any case);
+    None for other benchmarks. koe5 writes MTEB result files under the preset's MTEB task name."""
+    key = benchmark_name.lower()
+    return next((p for p in PRESETS.values() if key in (p.name.lower(), p.mteb_task.lower())), None)
+
+
 def benchmark_root() -> str:
     """Where fetched presets live: $KOE5_BENCHMARKS, else ~/.cache/koe5/benchmarks."""
     return os.environ.get("KOE5_BENCHMARKS") or os.path.join(os.path.expanduser("~"), ".cache", "koe5", "benchmarks")

@@ -85,13 +85,18 @@ def evaluate_baseline(rs, registry, sweep_id: str | None, out_dir: Path) -> str:
 
 
 def update_model_card(model_dir: Path, spec, spec_yaml: str, run_dir: Path, results: list) -> None:
+    """Rewrite the exported model's README.md with the evaluation results table."""
     import json
 
     from koe5.eval.model_eval import format_table
     from koe5.export import model_card
 
-    mix_file = run_dir / "data_mix.json"
-    mix = json.loads(mix_file.read_text()) if mix_file.exists() else {}
-    card = model_card(name=spec.name, base_model=spec.model.name_or_path, spec_yaml=spec_yaml, data_mix=mix,
+    def read(path: Path) -> dict:
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+    summary = read(run_dir / "train_summary.json")
+    card = model_card(spec=spec, spec_yaml=spec_yaml, data_mix=read(run_dir / "data_mix.json"),
+                      steps=summary.get("steps"), world_size=summary.get("world_size"),
+                      max_seq_length=read(model_dir / "sentence_bert_config.json").get("max_seq_length"),
                       results_table="```\n" + format_table(results, spec.eval.k) + "\n```")
     (model_dir / "README.md").write_text(card, encoding="utf-8")

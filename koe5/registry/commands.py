@@ -1,4 +1,5 @@
-"""`koe5 ls | show | compare | diff | best | export | sql | rm`: query the run registry from the shell.
+"""`koe5 ls | show | compare | diff | best | export | sql | rm`: query the run registry from the shell
+(`export RUN --push-to-hub` uploads a run's model, koe5/registry/publish.py).
 
 Every command reads through short read-only connections (rm writes under the write lock), names a run by
 id, unique id prefix or suffix, run name or `latest` (store.RUN_REF_HELP), prints errors as one paragraph on
@@ -325,6 +326,15 @@ EXPORT_SQL = ("SELECT r.run_id, r.name, r.kind, r.status, r.spec_hash, r.created
 
 @_cli_errors
 def cmd_export(args: argparse.Namespace) -> int:
+    """Two exports: the registry's runs and metrics to a file (--format, -o), or one run's model to the
+    Hugging Face hub (RUN --push-to-hub NAME)."""
+    if args.push_to_hub or args.run:
+        return push_run_model(args)
+    if args.dry_run or args.private:
+        raise RegistryError("--dry-run and --private go with RUN --push-to-hub NAME.")
+    if not (args.format and args.output):
+        raise RegistryError("Give --format and -o PATH to export the registry's runs and metrics to a file, or "
+                            "RUN --push-to-hub NAME to upload a run's model to the Hugging Face hub.")
     import pandas as pd
 
     cols, rows = _registry(args).query(EXPORT_SQL)
@@ -338,6 +348,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         df.to_json(out, orient="records", date_format="iso", force_ascii=False, indent=2)
     print(f"wrote {len(df)} rows (one per run and metric) to {out}")
+    return 0
+
+
+def push_run_model(args: argparse.Namespace) -> int:
+    """`koe5 export RUN --push-to-hub NAME [--dry-run] [--private]`."""
+    from koe5.registry import publish
+
+    if not (args.run and args.push_to_hub):
+        raise RegistryError("Uploading a run's model takes both RUN and --push-to-hub NAME (e.g. "
+                            "`koe5 export latest --push-to-hub me/koe5-model`).")
+    if args.format or args.output:
+        raise RegistryError("--format and -o export the registry to a file; they do not go with --push-to-hub.")
+    run = _registry(args).get_run(args.run)
+    model_dir = publish.run_model_dir(run)
+    files = publish.model_files(model_dir)
+    total = sum(size for _, size in files)
+    if args.dry_run:
+        print(f"dry run: would upload {len(files)} files ({publish.human_size(total)}) from {model_dir} "
+              f"to the Hugging Face model repo {args.push_to_hub}{' (private)' if args.private else ''}:")
+        print(_table(["file", "bytes"], [[rel, size] for rel, size in files]))
+        skipped = publish.left_out_files(model_dir)
+        if skipped:
+            print(f"left out (hidden files or training state): {', '.join(skipped)}")
+        return 0
+    url = publish.push(model_dir, args.push_to_hub, files, private=args.private,
+                       message=f"koe5 run {run['run_id']} ({run['name']})")
+    print(f"pushed {len(files)} files ({publish.human_size(total)}) of run {run['run_id']} to {args.push_to_hub}: {url}")
     return 0
 
 
@@ -417,9 +454,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=1, help="show the N best")
     p.set_defaults(func=cmd_best)
 
-    p = subparsers.add_parser("export", parents=[common], help="export runs and metrics to a file")
-    p.add_argument("--format", choices=("csv", "parquet", "json"), required=True)
-    p.add_argument("-o", "--output", required=True, metavar="PATH")
+    p = subparsers.add_parser(
+        "export", parents=[common], help="export runs and metrics to a file, or a run's model to the hub",
+        description="`koe5 export --format F -o PATH` writes every run and metric to a file. "
+                    "`koe5 export RUN --push-to-hub NAME` uploads the run's exported model directory "
+                    "(sentence-transformers + transformers) to the Hugging Face hub, with the token of "
+                    "`hf auth login` or $HF_TOKEN; --dry-run lists the files and the repo id instead.")
+    p.add_argument("run", nargs="?", metavar="RUN", help="with --push-to-hub: the run whose model to upload; "
+                   + RUN_REF_HELP)
+    p.add_argument("--format", choices=("csv", "parquet", "json"))
+    p.add_argument("-o", "--output", metavar="PATH")
+    p.add_argument("--push-to-hub", metavar="NAME", help="hub repo id to upload RUN's model to, e.g. me/koe5-base")
+    p.add_argument("--dry-run", action="store_true", help="with --push-to-hub: list the files and sizes that "
+                   "would be uploaded and the repo id; no network")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("sql", parents=[common, as_json], help="run a read-only SQL query on the registry")

@@ -278,14 +278,14 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
     state = during.export_state() or state  # train.keep_best: the best step's weights, not the last
     if rank == 0:
         (run_dir / "data_mix.json").write_text(json.dumps(data_mix, indent=2, ensure_ascii=False))
-        card = model_card(name=spec.name, base_model=spec.model.name_or_path, spec_yaml=spec_yaml,
-                          data_mix=data_mix)
+        # The model's own limit, not the training truncation (model.passage_max_len): a user who loads
+        # the export must not have long documents cut at a training-speed choice.
+        max_seq_length = model_max_length(backbone.config, tokenizer)
+        card = model_card(spec=spec, spec_yaml=spec_yaml, data_mix=data_mix, steps=total_steps, world_size=world,
+                          max_seq_length=max_seq_length)
         export_model(backbone, tokenizer, run_dir / "model", pooling=spec.model.pooling,
                      normalize=spec.model.normalize, query_prefix=spec.model.query_prefix,
-                     passage_prefix=spec.model.passage_prefix,
-                     # The model's own limit, not the training truncation (model.passage_max_len): a user
-                     # who loads the export must not have long documents cut at a training-speed choice.
-                     max_seq_length=model_max_length(backbone.config, tokenizer),
+                     passage_prefix=spec.model.passage_prefix, max_seq_length=max_seq_length,
                      state_dict=state, card=card)
     summary = {"steps": steps_done, "total_steps": total_steps, "seconds": time.perf_counter() - start,
                "world_size": world, "final_loss": None if result is None else result.loss, **during.summary()}
