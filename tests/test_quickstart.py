@@ -188,3 +188,18 @@ def test_dry_run_checks_a_spec_meant_for_another_machine(tmp_path):
     real = koe5_run(*args[:-1], registry=tmp_path / "r.duckdb")
     assert real.returncode == 2 and "launch.nproc_per_node" in real.stderr
     assert not (tmp_path / "r.duckdb").exists()
+
+
+def test_a_sweep_evaluates_the_untrained_model_once(tmp_path):
+    """Catches a sweep whose members each re-evaluate the same untrained model (issue 19: a 5-step member
+    spent ~155 s on it): one baseline run for the sweep, and every trained member compares against it."""
+    from koe5.registry import Registry
+
+    registry = tmp_path / "koe5.duckdb"
+    proc = koe5_run(str(QUICKSTART), "sweep.loss.temperature=[0.02,0.05]", "train.max_steps=1",
+                    f"output_dir={tmp_path / 'runs'}", registry=registry)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    runs = Registry(registry).list_runs()
+    assert sorted(r["kind"] for r in runs) == ["baseline", "train", "train"]
+    assert proc.stdout.count("baseline: evaluating the untrained model") == 1
+    assert proc.stdout.count("was already evaluated with these settings") == 1
