@@ -225,6 +225,24 @@ def test_additive_migration(tmp_path, monkeypatch):
     assert len(reg.query("SELECT * FROM schema_version")[1]) == nxt
 
 
+def test_a_registry_of_an_older_koe5_is_read_after_migrating(tmp_path, monkeypatch):
+    """Catches reads that assume the newest schema: a registry written before a schema section existed
+    (here: without the newest section's tables) must still be read by `get_run`, `list_runs` and `koe5
+    show`, not fail with a DuckDB catalog error on a table it does not have yet."""
+    schema = connect_mod.schema_path().read_text()
+    sections = connect_mod.schema_sections(schema)
+    older = tmp_path / "schema.sql"
+    older.write_text("".join(f"-- @version {v}\n{sql}" for v, sql in sections[:-1]))
+    fresh = Registry(tmp_path / "older.duckdb")
+    monkeypatch.setattr(connect_mod, "schema_path", lambda: older)
+    rid = fresh.create_run("old", "h", "")  # recorded by the older schema
+    monkeypatch.undo()
+    assert fresh.get_run(rid)["name"] == "old"
+    assert [r["run_id"] for r in fresh.list_runs()] == [rid]
+    _, rows = fresh.query("SELECT max(version) FROM schema_version")
+    assert rows == [(sections[-1][0],)]
+
+
 def test_reader_and_writer_wait_for_each_other(reg):
     rid = reg.create_run("x", "h", "")
     # A writer that holds the file for a second: the reader retries instead of failing.

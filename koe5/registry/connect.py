@@ -109,10 +109,28 @@ def read_connection(path: Path) -> Iterator[duckdb.DuckDBPyConnection | None]:
         yield None
         return
     con = _open_with_retry(path, read_only=True, deadline=time.monotonic() + WAIT_S)
+    if _schema_version(con) < latest_schema_version():
+        # A registry written by an older koe5: bring its schema up to date once (additive sections, under the
+        # write lock), so that reads of newer tables find them instead of failing with a catalog error.
+        con.close()
+        with write_connection(path):
+            pass
+        con = _open_with_retry(path, read_only=True, deadline=time.monotonic() + WAIT_S)
     try:
         yield con
     finally:
         con.close()
+
+
+def _schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    try:
+        return con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchall()[0][0]
+    except duckdb.CatalogException:
+        return 0
+
+
+def latest_schema_version() -> int:
+    return max(v for v, _ in schema_sections(schema_path().read_text()))
 
 
 def schema_sections(text: str) -> list[tuple[int, str]]:
