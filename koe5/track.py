@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -379,8 +380,9 @@ def _mlflow_finish(spec, run_dir, info, metrics, step, model_dir, status):
 
 
 # ---------------------------------------------------------------- Weights & Biases
-# Written against W&B's documented API (wandb.init with id + resume, run.log(step=), run.summary,
-# wandb.Artifact); koe5's tests run it only where wandb is installed.
+# W&B's public API (wandb.init with id + resume, run.log(step=), run.summary, wandb.Artifact). Each process
+# (orchestrator at start and end, rank 0 while training) reopens the same run id; offline, each writes
+# its own run directory under <run dir>/wandb/, which `wandb sync` joins by that id.
 
 def _wandb_init(spec, run_dir, info, **kw):
     import wandb
@@ -393,7 +395,8 @@ def _wandb_start(spec, spec_hash, run_dir, state, params):
 
     info = state.get("wandb")
     if info is None:
-        info = {"project": os.environ.get("WANDB_PROJECT") or spec.name, "id": wandb.util.generate_id()}
+        # koe5's own id (W&B's generator moved between releases): 16 hex digits, unique per project.
+        info = {"project": os.environ.get("WANDB_PROJECT") or spec.name, "id": secrets.token_hex(8)}
         state["wandb"] = info
     run = _wandb_init(spec, run_dir, info, name=run_dir.name, config={**params, "spec_hash": spec_hash},
                       tags=list(spec.tags))
