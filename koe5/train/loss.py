@@ -19,7 +19,7 @@ row's positive: g(row, c) > g(row, pos) - margin (`absolute`) or > g(row, pos) -
 other rows' positives (`in_batch`), the hard negatives (`hard_negatives`) and, in the document -> query
 direction of symmetric_infonce, the other queries (`queries`). With cross-device negatives the guide's
 embeddings are gathered like the model's. For infonce with every kind masked this is sentence-transformers'
-GISTEmbedLoss with contrast_anchors=False and contrast_positives=False (tests/test_guide.py: the same loss
+GISTEmbedLoss with contrast_anchors=False and contrast_positives=False (tests/test_loss_options.py: the same loss
 and gradients with one hard negative per query, the same temperature). Where they differ: GISTEmbedLoss by
 default also contrasts anchors with anchors and positives with positives (koe5 has no such terms), takes
 one negative column (koe5 any number per query), has no document -> query direction, always scores the
