@@ -161,9 +161,20 @@ def model_card(*, spec, spec_yaml: str, data_mix: dict, steps: Optional[int] = N
         ("max length (this export)", f"{max_seq_length} tokens" if max_seq_length else "the model's own"),
         ("pooling", f"{m.pooling}{', L2-normalized' if m.normalize else ''}"),
         ("prompts", f"query `{m.query_prefix}`, passage `{m.passage_prefix}`"),
-        ("GradCache", f"chunks of {spec.cache.chunk_size}" if spec.cache.enabled else "off"),
+        ("GradCache", "off" if not spec.cache.enabled else (
+            f"chunks packed to {spec.cache.chunk_tokens} tokens" if spec.cache.chunk_tokens
+            else f"chunks of {spec.cache.chunk_size}")),
         ("seed", str(spec.seed)),
     ]
+    if loss.guide_model:
+        guide, _ = portable_model_name(loss.guide_model)
+        hyper.append(("guided false-negative filtering", f"guide `{guide}`, {loss.guide_margin_strategy} margin "
+                                                         f"{loss.guide_margin}"))
+    if loss.matryoshka_dims:
+        # Declared so a user can load the model truncated: SentenceTransformer(path, truncate_dim=d).
+        dims = ", ".join(str(d) for d in loss.matryoshka_dims)
+        hyper.append(("Matryoshka widths", f"{dims}: load truncated with "
+                                           f"`SentenceTransformer(path, truncate_dim={min(loss.matryoshka_dims)})`"))
     hyper_rows = "\n".join(f"| {k} | {v} |" for k, v in hyper)
     return f"""---
 {chr(10).join(front)}

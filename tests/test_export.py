@@ -287,3 +287,18 @@ def test_training_state_and_hidden_files_are_never_uploaded(tmp_path):
         (tmp_path / rel).write_text("{}")
     assert model_files(tmp_path) == [("1_Pooling/config.json", 2), ("config.json", 2)]
     assert len(left_out_files(tmp_path)) == 5
+
+
+def test_the_card_declares_matryoshka_widths_the_guide_and_token_packed_chunks():
+    """Catches a card that hides how the model was trained: its Matryoshka widths (so a user can load it
+    truncated), its guide, and chunks packed by tokens rather than by rows."""
+    from koe5.export import model_card
+    from koe5.spec import expand
+
+    spec = expand(ROOT / "experiments" / "quickstart.yaml",
+                  ["loss.matryoshka_dims=[32,64,128]", "loss.guide_model=builtin:tiny-ko-bert",
+                   "loss.guide_margin=0.05", "cache.chunk_tokens=2048"])[0].spec
+    card = model_card(spec=spec, spec_yaml="", data_mix={})
+    assert "| Matryoshka widths | 32, 64, 128: load truncated with `SentenceTransformer(path, truncate_dim=32)` |" in card
+    assert "| guided false-negative filtering | guide `builtin:tiny-ko-bert`, absolute margin 0.05 |" in card
+    assert "| GradCache | chunks packed to 2048 tokens |" in card
