@@ -65,14 +65,20 @@ def trained_weights(*overrides: str) -> dict[str, torch.Tensor]:
     rs = expand(work / "spec.yaml", list(overrides))[0]
     run_dir = work / f"run-{rs.spec_hash}"
     if (run_dir / "model" / "model.safetensors").exists():  # the same spec written with other overrides
-        return load_file(run_dir / "model" / "model.safetensors")
+        return _trained(load_file(run_dir / "model" / "model.safetensors"))
     run_dir.mkdir(exist_ok=True)
     rs.freeze(run_dir / "spec.yaml")
     cmd = training_command(rs.spec, run_dir / "spec.yaml", run_dir)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return load_file(run_dir / "model" / "model.safetensors")
+    return _trained(load_file(run_dir / "model" / "model.safetensors"))
+
+
+def _trained(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The exported weights koe5 trains: the export also carries the base model's pooler head (so loading
+    reports no missing weights), which koe5 sets aside and never trains."""
+    return {k: v for k, v in weights.items() if not k.startswith("pooler.")}
 
 
 def run_dir(*overrides: str) -> Path:

@@ -125,6 +125,17 @@ SOURCE_VALUES = {"format": "squad", "encoding": "cp949", "file_type": "jsonl", "
                  "mine.model": "other-model"}
 
 
+GUIDE_AND_MATRYOSHKA = {
+    "loss.guide_margin": {"guide_model": "g", "guide_margin": 0.25},
+    "loss.guide_margin_strategy": {"guide_model": "g", "guide_margin_strategy": "relative"},
+    "loss.guide_mask": {"guide_model": "g", "guide_mask": ["in_batch"]},
+    "loss.matryoshka_dims": {"matryoshka_dims": [8, 16]},
+    "loss.matryoshka_weights": {"matryoshka_dims": [8, 16], "matryoshka_weights": [1.0, 0.5]},
+}
+NEED_A_BENCHMARK = {"eval.every", "eval.during", "train.keep_best.metric", "train.keep_best.benchmark",
+                    "train.keep_best.patience"}
+
+
 def mutation(path: str, value, data: dict) -> str | None:
     """An override that sets `path` to a different valid value, or None for keys changed elsewhere."""
     if path.endswith(".path") and path.startswith(("data.", "eval.")):
@@ -135,6 +146,10 @@ def mutation(path: str, value, data: dict) -> str | None:
         return f"data.sources[{i}]={json.dumps(dict(data['data']['sources'][i], **FORMAT_KEYS[source_key[2]]))}"
     if source_key and source_key[2] in SOURCE_VALUES:
         return f"{path}={json.dumps(SOURCE_VALUES[source_key[2]])}"
+    if path in GUIDE_AND_MATRYOSHKA:  # valid only beside loss.guide_model / loss.matryoshka_dims: change the section
+        return f"loss={json.dumps(dict(data['loss'], **GUIDE_AND_MATRYOSHKA[path]))}"
+    if path in NEED_A_BENCHMARK:  # this spec has no benchmark (tests/test_eval_during_training.py covers them)
+        return None
     if path == "launch.nproc_per_node":
         new = 2 if value == 1 else 1
     elif path == "cache.chunk_size":
@@ -200,7 +215,7 @@ def test_every_value_changes_the_hash_except_locations(tmp_path):
         assert (changed.spec_hash == base.spec_hash) == (path in LOCATIONS), override
         tried.add(path)
     untried = {p for p in flatten(base.data) if p not in tried}
-    assert untried == {"data.sources[0].path", "eval.benchmarks"}
+    assert untried == {"data.sources[0].path", "eval.benchmarks"} | NEED_A_BENCHMARK
 
 
 @PROPS
