@@ -18,24 +18,9 @@ import torch
 from koe5.model import EmbeddingModel, resolve_model_path
 from koe5.train.loss import GUIDE_MASKS, GuideConfig
 from koe5.train.step import StepConfig, train_step
+from test_gradcache import PlainEngine
 
 SAMPLE = Path(__file__).resolve().parents[1] / "koe5" / "assets" / "ko_sample" / "train.jsonl"
-
-
-class PlainEngine:
-    """What train_step needs of an engine, without DeepSpeed, so .grad can be read afterwards."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, **batch):
-        return self.model(**batch)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        pass
 
 
 @pytest.fixture(scope="module")
