@@ -18,13 +18,14 @@ from koe5.registry import Registry, RegistryError
 from koe5.registry.board import (CURVES, DELTA_MODES, TABLE_METRICS, X100, candidate_benchmark_paths, column_name,
                                  eval_curve, flat_spec, leaderboard, load_metrics, load_runs, load_train_log, metric_label,
                                  metric_options, parse_metric_label, runs_with_train_log, spec_key_options,
-                                 sweep_baselines, sweep_keys, sweep_points, wins_losses, with_texts)
+                                 load_width_metrics, sweep_baselines, sweep_keys, sweep_points, width_points,
+                                 wins_losses, with_texts)
 from koe5.registry.commands import curve_metric, per_query_metric_columns, run_per_query, training_notes
 from koe5.registry.store import METRICS
 from koe5.spec.diff import diff_yaml
 
 TTL_S = 5
-VIEWS = ("Leaderboard", "Sweeps", "Training curves", "Run")
+VIEWS = ("Leaderboard", "Sweeps", "Widths", "Training curves", "Run")
 
 
 def registry_path() -> str | None:
@@ -185,6 +186,34 @@ def view_sweeps(reg: Registry, runs: pd.DataFrame, metrics: pd.DataFrame) -> Non
     if not baselines.empty:
         st.caption("Dashed lines: " + ", ".join(f"{b['name']} (`{b['run_id']}`) {b[label]:.2f}"
                                                for _, b in baselines.iterrows()))
+
+
+def view_widths(reg: Registry, runs: pd.DataFrame) -> None:
+    """Quality against embedding width (Matryoshka evaluation, eval.dims): one line per run evaluated at more
+    than one width, the full width's point included."""
+    st.subheader("Quality against embedding width")
+    widths = load_width_metrics(reg)
+    if widths.empty:
+        st.info("No run was evaluated at truncated widths: set eval.dims (or loss.matryoshka_dims), or "
+                "`koe5 eval --dims 64,128`.")
+        return
+    c1, c2 = st.columns(2)
+    options = metric_options(widths)
+    metric = c1.selectbox("Metric", options, index=options.index("NDCG@10") if "NDCG@10" in options else 0,
+                          key="width_metric")
+    bench = c2.selectbox("Benchmark", ["(mean)"] + sorted(widths["benchmark"].unique()), key="width_benchmark")
+    name, k = parse_metric_label(metric)
+    points = width_points(runs, widths, name, k, None if bench == "(mean)" else bench)
+    if points.empty:
+        st.info("No shown run has that metric at more than one width.")
+        return
+    label = metric + X100
+    data = points.assign(run=[f"{n} ({r})" for n, r in zip(points["name"], points["run_id"])])
+    st.altair_chart(alt.Chart(data).mark_line(point=True).encode(
+        x=alt.X("width:Q", title="embedding width (dimensions)"), y=alt.Y(f"{label}:Q", title=label),
+        color=alt.Color("run:N", title="run"), tooltip=["run:N", "width:Q", "full:N", f"{label}:Q"]),
+        width="stretch")
+    st.dataframe(points, hide_index=True)
 
 
 def view_curves(reg: Registry, runs: pd.DataFrame) -> None:
@@ -402,6 +431,8 @@ def main() -> None:
             view_leaderboard(runs, metrics, benches, all_runs)
         elif view == "Sweeps":
             view_sweeps(reg, runs, metrics)
+        elif view == "Widths":
+            view_widths(reg, runs)
         elif view == "Training curves":
             view_curves(reg, runs)
         else:

@@ -107,3 +107,14 @@ CREATE TABLE IF NOT EXISTS eval_log (
 -- The trainer's train_summary.json: steps done, seconds, eval_seconds, `best` {benchmark, metric, step,
 -- value} (spec train.keep_best: the step exported) and stopped_early_at (the step early stopping ended at).
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS train_summary VARCHAR;
+
+-- @version 3
+
+-- Matryoshka evaluation (spec eval.dims, `koe5 eval --dims`): the embedding width each metric was computed at.
+-- `dim` NULL is the model's full embedding (every row recorded before this section is one); a number is
+-- the width the query and passage embeddings were truncated to (their first `dim` dimensions, renormalized).
+-- Readers that do not ask for a width read `dim IS NULL` only, so widths never mix in a comparison.
+ALTER TABLE metrics ADD COLUMN IF NOT EXISTS dim INTEGER;
+-- The model's full embedding width, so a plot of quality against width can place the full-width point;
+-- NULL on rows recorded before this section.
+ALTER TABLE metrics ADD COLUMN IF NOT EXISTS model_dim INTEGER;

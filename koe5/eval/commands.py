@@ -9,8 +9,8 @@ import sys
 
 from koe5.eval.benchmark import BenchmarkError, load_benchmark
 from koe5.eval.evaluate import EvalResult
-from koe5.eval.model_eval import (EncodeSettings, LengthError, default_cache_dir, evaluate_model, format_table,
-                                  record_baseline)
+from koe5.eval.model_eval import (DimError, EncodeSettings, LengthError, default_cache_dir, evaluate_model,
+                                  format_table, record_baseline)
 from koe5.eval.presets import PRESETS, FetchError, fetch, preset_dir
 from koe5.provenance import provenance
 
@@ -31,7 +31,24 @@ def _name_and_path(arg: str) -> tuple[str | None, str]:
     return None, arg
 
 
+def parse_dims(text: str | None) -> list[int]:
+    """`--dims 64,128` -> [64, 128]; ValueError with a one-line message for anything else."""
+    if not text:
+        return []
+    try:
+        dims = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--dims takes comma-separated positive widths, e.g. 64,128; got {text!r}") from None
+    if not dims or any(d < 1 for d in dims):
+        raise ValueError(f"--dims takes comma-separated positive widths, e.g. 64,128; got {text!r}")
+    return dims
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        dims = parse_dims(args.dims)
+    except ValueError as e:
+        return fail(str(e))
     ks = sorted(set(args.k))
     if any(k < 1 for k in ks):
         return fail(f"--k values must be positive integers, got {args.k}")
@@ -78,8 +95,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         results, settings = evaluate_model(encoder, args.model, benchmarks, ks, encode,
                                            names=("--query-max-len", "--passage-max-len"), cache_dir=cache_dir,
-                                           index=args.index, progress=args.progress, nproc=args.nproc)
-    except LengthError as e:
+                                           index=args.index, progress=args.progress, nproc=args.nproc,
+                                           dims=dims, dims_name="--dims")
+    except (LengthError, DimError) as e:
         return fail(str(e))
     run_id = None
     if not args.no_record:
@@ -93,7 +111,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "run_id": run_id, "settings": settings,
             "results": [{"benchmark": r.benchmark, "fingerprint": r.fingerprint, "n_queries": r.metrics.n_queries,
                          "n_excluded": r.metrics.n_excluded, "seconds": r.seconds,
-                         "metrics": {f"{m}@{k}": v for (m, k), v in r.metrics.aggregate.items()}} for r in results],
+                         "metrics": {f"{m}@{k}": v for (m, k), v in r.metrics.aggregate.items()},
+                         "dim": r.dim,  # the full width; `metrics_at_dims`: each truncated width's (--dims)
+                         "metrics_at_dims": {str(d): {f"{m}@{k}": v for (m, k), v in dm.aggregate.items()}
+                                             for d, dm in r.at_dims.items()}} for r in results],
         }, ensure_ascii=False, indent=2))
     else:
         print(format_table(results, ks))
@@ -155,6 +176,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pooling", choices=["mean", "cls"], help="default: the model directory's, else mean")
     p.add_argument("--query-max-len", type=int, help="tokens, prefix included (default: the model's own maximum)")
     p.add_argument("--passage-max-len", type=int, help="tokens, prefix included (default: the model's own maximum)")
+    p.add_argument("--dims", metavar="D1,D2",
+                   help="also evaluate at these embedding widths (Matryoshka: the first D dimensions, "
+                        "renormalized), each recorded beside the full width, e.g. 64,128")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--nproc", type=int, default=1,

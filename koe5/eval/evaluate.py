@@ -32,6 +32,9 @@ class EvalResult:
     seconds: dict[str, float]  # phase -> wall seconds: encode_queries, encode_passages, search, metrics
     # qid -> the document ranked first (trec_eval's order), so a miss can show what was retrieved instead
     top_document: dict[str, str] = field(default_factory=dict)
+    dim: int | None = None  # the full embedding's width (the metrics above are at this width)
+    # Matryoshka evaluation: width -> the metrics with both sides truncated to that many dimensions (truncate)
+    at_dims: dict[int, MetricResult] = field(default_factory=dict)
 
 
 def _encode(fn: Encode, texts: list[str], what: str) -> np.ndarray:
@@ -41,9 +44,31 @@ def _encode(fn: Encode, texts: list[str], what: str) -> np.ndarray:
     return emb
 
 
+def truncate(emb: np.ndarray, dim: int, normalize: bool = True) -> np.ndarray:
+    """The first `dim` dimensions of each row, L2-renormalized when the model normalizes: what
+    sentence-transformers' `truncate_dim` followed by its normalization gives (a Matryoshka model's
+    smaller embedding). A zero row stays zero."""
+    out = np.ascontiguousarray(emb[:, :dim], dtype=np.float32)
+    if normalize:
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        out = out / np.maximum(norms, 1e-12)  # the same floor as torch.nn.functional.normalize
+    return out
+
+
+def _retrieve(q_emb: np.ndarray, p_emb: np.ndarray, benchmark: Benchmark, k: int, index: str) -> dict:
+    """{qid: {doc id: score}}: each query's top `k` documents (and any tied at the cut)."""
+    hits = search(q_emb, p_emb, k, index=index)
+    return {qid: {benchmark.corpus_ids[i]: float(s) for i, s in zip(idx, scores)}
+            for qid, (idx, scores) in zip(benchmark.query_ids, hits)}
+
+
 def evaluate(encode_queries: Encode, encode_passages: Encode, benchmark: Benchmark, ks: Sequence[int],
-             index: str = "flat") -> EvalResult:
-    """`index="hnsw"` searches approximately (large corpora); the default is exact, as MTEB is."""
+             index: str = "flat", dims: Sequence[int] = (), normalize: bool = True) -> EvalResult:
+    """`index="hnsw"` searches approximately (large corpora); the default is exact, as MTEB is.
+
+    `dims`: also score at these narrower widths (Matryoshka), into `at_dims`, from the same full
+    embeddings truncated (`truncate`, renormalized when `normalize`), so nothing is encoded twice; the
+    full width itself, or a wider one, is left out (`dim` is the full width)."""
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -57,14 +82,16 @@ def evaluate(encode_queries: Encode, encode_passages: Encode, benchmark: Benchma
     lap("encode_queries")
     p_emb = _encode(encode_passages, benchmark.corpus_texts, "passages")
     lap("encode_passages")
-    hits = search(q_emb, p_emb, max(ks), index=index)
-    run = {
-        qid: {benchmark.corpus_ids[i]: float(s) for i, s in zip(idx, scores)}
-        for qid, (idx, scores) in zip(benchmark.query_ids, hits)
-    }
+    run = _retrieve(q_emb, p_emb, benchmark, max(ks), index)
     lap("search")
     metrics = compute_metrics(run, benchmark.qrels, ks)
     lap("metrics")
+    full = q_emb.shape[1]
+    at_dims = {d: compute_metrics(_retrieve(truncate(q_emb, d, normalize), truncate(p_emb, d, normalize),
+                                            benchmark, max(ks), index), benchmark.qrels, ks)
+               for d in sorted(set(dims)) if d < full}
+    if at_dims:
+        lap("truncated_widths")
     return EvalResult(
         benchmark=benchmark.name,
         fingerprint=benchmark.fingerprint,
@@ -72,6 +99,8 @@ def evaluate(encode_queries: Encode, encode_passages: Encode, benchmark: Benchma
         n_queries=metrics.n_queries,
         seconds=seconds,
         top_document={qid: rank_documents(docs)[0] for qid, docs in run.items() if docs},
+        dim=full,
+        at_dims=at_dims,
     )
 
 

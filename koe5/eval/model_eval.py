@@ -66,16 +66,38 @@ def resolve_lengths(settings: EncodeSettings, limit: int, names: tuple[str, str]
     return dataclasses.replace(settings, **out)
 
 
+class DimError(ValueError):
+    """A requested evaluation width (eval.dims, --dims) wider than the model's embeddings."""
+
+
+def embedding_width(encoder) -> int:
+    """The width of `encoder`'s embeddings: its backbone's hidden size (pooling keeps it)."""
+    config = encoder.model.backbone.config
+    return getattr(config, "hidden_size", None) or config.d_model
+
+
+def check_dims(dims: Sequence[int], width: int, name: str = "eval.dims") -> list[int]:
+    """The widths to evaluate below the full one, narrowest first. The full width itself may be listed
+    (it is evaluated anyway); a wider one raises DimError naming `name`, before anything is encoded."""
+    too_wide = sorted(d for d in set(dims) if d > width)
+    if too_wide:
+        raise DimError(f"{name}: {too_wide} wider than the model's embeddings ({width} dimensions); "
+                       f"use widths up to {width}")
+    return sorted(d for d in set(dims) if d < width)
+
+
 def default_cache_dir() -> str:
     return str(cache_root() / "embeddings")
 
 
 def evaluate_encoder(encoder, benchmarks: Sequence[Benchmark], ks: Sequence[int], settings: EncodeSettings, *,
                      cache_dir: str | None = None, index: str = "flat", progress: bool = False,
-                     nproc: int = 1) -> list[EvalResult]:
+                     nproc: int = 1, dims: Sequence[int] = ()) -> list[EvalResult]:
     """Metrics of `encoder` on each benchmark. With `cache_dir`, embeddings are kept on disk keyed by the
     model's content hash and the settings, so re-evaluating the same model never re-encodes. With
-    `nproc` > 1 the texts are encoded by that many processes (koe5/eval/shard.py)."""
+    `nproc` > 1 the texts are encoded by that many processes (koe5/eval/shard.py). `dims`: also the
+    metrics at these narrower widths (EvalResult.at_dims), from the same full embeddings truncated."""
+    dims = check_dims(dims, embedding_width(encoder))
     # Resolved here too, so the cache key below always holds the lengths actually encoded at, never None.
     s = resolve_lengths(settings, model_limit(encoder))
 
@@ -98,26 +120,32 @@ def evaluate_encoder(encoder, benchmarks: Sequence[Benchmark], ks: Sequence[int]
                                 {**common, "prefix": s.query_prefix, "max_len": s.query_max_len})
         encode_passages = cached(encode_passages, cache_dir,
                                  {**common, "prefix": s.passage_prefix, "max_len": s.passage_max_len})
-    return [evaluate(encode_queries, encode_passages, b, ks, index=index) for b in benchmarks]
+    return [evaluate(encode_queries, encode_passages, b, ks, index=index, dims=dims,
+                     normalize=encoder.model.normalize) for b in benchmarks]
 
 
 def evaluate_model(encoder, model_name: str, benchmarks: Sequence[Benchmark], ks: Sequence[int],
                    settings: EncodeSettings, *, names: tuple[str, str] = ("eval.query_max_len", "eval.passage_max_len"),
                    cache_dir: str | None = None, index: str = "flat", progress: bool = False,
-                   nproc: int = 1) -> tuple[list[EvalResult], dict]:
+                   nproc: int = 1, dims: Sequence[int] = (), dims_name: str = "eval.dims",
+                   ) -> tuple[list[EvalResult], dict]:
     """(results, description): the lengths resolved against the model (a bad one raises `LengthError`
-    naming `names`), every benchmark evaluated, and what to record with the numbers."""
+    naming `names`), the widths checked against it (`DimError` naming `dims_name`), every benchmark
+    evaluated, and what to record with the numbers."""
     settings = resolve_lengths(settings, model_limit(encoder), names)
+    dims = check_dims(dims, embedding_width(encoder), dims_name)
     results = evaluate_encoder(encoder, benchmarks, ks, settings, cache_dir=cache_dir, index=index,
-                               progress=progress, nproc=nproc)
-    return results, describe(encoder, model_name, settings, benchmarks, ks, index)
+                               progress=progress, nproc=nproc, dims=dims)
+    return results, describe(encoder, model_name, settings, benchmarks, ks, index, dims)
 
 
 def describe(encoder, model_name: str, settings: EncodeSettings, benchmarks: Sequence[Benchmark],
-             ks: Sequence[int], index: str = "flat") -> dict:
+             ks: Sequence[int], index: str = "flat", dims: Sequence[int] = ()) -> dict:
     """Everything that determines the numbers: recorded with every evaluation (`eval_settings.json`), and
-    a baseline run's spec. `settings` must be resolved (concrete lengths)."""
-    return {
+    a baseline run's spec. `settings` must be resolved (concrete lengths). The truncated widths (`dims`,
+    as check_dims returns them) are named only when there are some, so an evaluation without them keeps
+    the identity it always had, and one with them is a different baseline (it records more rows)."""
+    description = {
         "model": {"name_or_path": model_name, "fingerprint": encoder.fingerprint, "pooling": encoder.model.pooling,
                   "normalize": encoder.model.normalize, "max_length": model_limit(encoder),
                   "query_prefix": settings.query_prefix, "passage_prefix": settings.passage_prefix,
@@ -125,6 +153,9 @@ def describe(encoder, model_name: str, settings: EncodeSettings, benchmarks: Seq
         "eval": {"benchmarks": [{"name": b.name, "fingerprint": b.fingerprint} for b in benchmarks],
                  "k": sorted(ks), "index": index, "device": encoder.device.split(":")[0]},
     }
+    if dims:
+        description["eval"]["dims"] = sorted(dims)
+    return description
 
 
 def identity(description: dict) -> str:
@@ -146,7 +177,10 @@ def record_evaluation(registry, run_id: str, results: Sequence[EvalResult], desc
     registry.add_artifact(run_id, "eval_settings", settings_path)
     for r in results:
         registry.add_metrics(run_id, r.benchmark, r.metrics.aggregate, fingerprint=r.fingerprint,
-                             evaluator_version=EVALUATOR_VERSION)
+                             evaluator_version=EVALUATOR_VERSION, model_dim=r.dim)
+        for dim, metrics in r.at_dims.items():  # one row set per truncated width (eval.dims)
+            registry.add_metrics(run_id, r.benchmark, metrics.aggregate, fingerprint=r.fingerprint,
+                                 evaluator_version=EVALUATOR_VERSION, dim=dim, model_dim=r.dim)
         registry.add_artifact(run_id, "per_query",
                               write_per_query(r, os.path.join(out_dir, f"per_query-{r.benchmark}.parquet")))
         registry.add_artifact(run_id, "mteb_json", write_mteb_json(r, os.path.join(out_dir, "mteb"), model_name))
@@ -182,22 +216,42 @@ def _aligned(rows: list[list[str]]) -> list[str]:
             for row in rows]
 
 
-def format_comparison(base: dict[tuple[str, str, int], float], results: Sequence[EvalResult],
-                      ks: Sequence[int]) -> str:
+def _widths(results: Sequence[EvalResult]) -> list[int | None]:
+    """None (the full width) first, then every truncated width any result has, widest first."""
+    return [None] + sorted({d for r in results for d in r.at_dims}, reverse=True)
+
+
+def _at(r: EvalResult, dim: int | None):
+    """r's metrics at width `dim` (None: the full width); None when r was not evaluated there."""
+    return r.metrics if dim is None else r.at_dims.get(dim)
+
+
+def _label(m: str, k: int, dim: int | None) -> str:
+    return f"{m}@{k}" if dim is None else f"{m}@{k} @{dim}d"
+
+
+def format_comparison(base: dict[tuple, float], results: Sequence[EvalResult], ks: Sequence[int]) -> str:
     """The one table koe5-run ends with: per benchmark the base model, the trained model and the change,
-    every metric x100. `base` is {(benchmark, metric, k): fraction}, as the registry holds the baseline run."""
+    every metric x100, at the full width and then at each truncated width (`@64d` rows). `base` is
+    {(benchmark, metric, k): fraction} at the full width and {(benchmark, metric, k, dim): fraction} at a
+    truncated one, as the registry holds the baseline run (get_run's metrics and dim_metrics)."""
     top = ["metric (x100)"] + [x for r in results for x in (r.benchmark, "", "")]
     header = [""] + ["base", "trained", "change"] * len(results)
     rows = []
-    for k in ks:
-        for m in METRICS:
-            row = [f"{m}@{k}"]
-            for r in results:
-                new = 100 * r.metrics.aggregate[(m, k)]
-                old = base.get((r.benchmark, m, k))
-                row += ["-", f"{new:.2f}", "-"] if old is None else [f"{100 * old:.2f}", f"{new:.2f}",
-                                                                      f"{new - 100 * old:+.2f}"]
-            rows.append(row)
+    for dim in _widths(results):
+        for k in ks:
+            for m in METRICS:
+                row = [_label(m, k, dim)]
+                for r in results:
+                    metrics = _at(r, dim)
+                    if metrics is None:
+                        row += ["-", "-", "-"]
+                        continue
+                    new = 100 * metrics.aggregate[(m, k)]
+                    old = base.get((r.benchmark, m, k) if dim is None else (r.benchmark, m, k, dim))
+                    row += ["-", f"{new:.2f}", "-"] if old is None else [f"{100 * old:.2f}", f"{new:.2f}",
+                                                                          f"{new - 100 * old:+.2f}"]
+                rows.append(row)
     rows.append(["queries"] + [x for r in results for x in ("", str(r.metrics.n_queries), "")])
     excluded = any(r.metrics.n_excluded for r in results)
     if excluded:
@@ -206,9 +260,12 @@ def format_comparison(base: dict[tuple[str, str, int], float], results: Sequence
 
 
 def format_table(results: Sequence[EvalResult], ks: Sequence[int]) -> str:
-    """Metric rows x benchmark columns, values x100 with two decimals."""
+    """Metric rows x benchmark columns, values x100 with two decimals; the full width, then each truncated
+    width's rows (`ndcg@10 @64d`)."""
     header = ["metric (x100)"] + [r.benchmark for r in results]
-    rows = [[f"{m}@{k}"] + [f"{100 * r.metrics.aggregate[(m, k)]:.2f}" for r in results] for k in ks for m in METRICS]
+    rows = [[_label(m, k, dim)] + ["-" if _at(r, dim) is None else f"{100 * _at(r, dim).aggregate[(m, k)]:.2f}"
+                                   for r in results]
+            for dim in _widths(results) for k in ks for m in METRICS]
     rows.append(["queries"] + [str(r.metrics.n_queries) for r in results])
     excluded = any(r.metrics.n_excluded for r in results)
     if excluded:

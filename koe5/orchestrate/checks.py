@@ -38,16 +38,17 @@ def check_model(spec) -> None:
 
 
 def _check_matryoshka_width(spec, path: str) -> None:
-    """Every loss.matryoshka_dims width must fit the model's embeddings (its hidden size, from its config)."""
+    """Every loss.matryoshka_dims and eval.dims width must fit the model's embeddings (its hidden size, from
+    its config), so a too-wide evaluation width stops the run before training, not after it."""
     from transformers import AutoConfig
 
-    dims = spec.loss.matryoshka_dims or []
     config = AutoConfig.from_pretrained(path)
     width = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
-    too_wide = [d for d in dims if width and d > width]
-    if too_wide:
-        raise ModelError(f"loss.matryoshka_dims: {too_wide} wider than the embeddings of "
-                         f"{spec.model.name_or_path} ({width} dimensions, its config's hidden_size)")
+    for key, dims in (("loss.matryoshka_dims", spec.loss.matryoshka_dims), ("eval.dims", spec.eval.dims)):
+        too_wide = [d for d in dims or [] if width and d > width]
+        if too_wide:
+            raise ModelError(f"{key}: {too_wide} wider than the embeddings of "
+                             f"{spec.model.name_or_path} ({width} dimensions, its config's hidden_size)")
 
 
 def _loadable(name: str, key: str) -> str:

@@ -19,6 +19,13 @@ def encode_settings(spec):
     return EncodeSettings(m.query_prefix, m.passage_prefix, e.query_max_len, e.passage_max_len, e.batch_size)
 
 
+def eval_dims(spec) -> list[int]:
+    """The truncated widths the spec evaluates at besides the full one: eval.dims, else (null) the widths
+    the Matryoshka loss trained (loss.matryoshka_dims), else none."""
+    dims = spec.eval.dims if spec.eval.dims is not None else spec.loss.matryoshka_dims
+    return list(dims or [])
+
+
 def _load(spec, model_path: str):
     import torch
 
@@ -43,10 +50,13 @@ def evaluate_trained(registry, run_id: str, model_path: str, spec, out_dir: Path
     # A run launched with several processes encodes with as many; the search and metrics stay here.
     results, description = evaluate_model(encoder, model_path, benchmarks, spec.eval.k, encode_settings(spec),
                                            cache_dir=default_cache_dir(), progress=True,
-                                           nproc=spec.launch.nproc_per_node)
+                                           nproc=spec.launch.nproc_per_node, dims=eval_dims(spec))
     record_evaluation(registry, run_id, results, description, str(out_dir), model_path)
     if baseline_id:
-        base = {(m["benchmark"], m["metric"], m["k"]): m["value"] for m in registry.get_run(baseline_id)["metrics"]}
+        base_run = registry.get_run(baseline_id)
+        # Full width under (benchmark, metric, k), each truncated width under (..., dim): never mixed.
+        base = {(m["benchmark"], m["metric"], m["k"]): m["value"] for m in base_run["metrics"]}
+        base.update({(m["benchmark"], m["metric"], m["k"], m["dim"]): m["value"] for m in base_run["dim_metrics"]})
         print(f"\nthe trained model against the base model (baseline run {baseline_id}):")
         print(format_comparison(base, results, spec.eval.k))
     else:
@@ -58,14 +68,16 @@ def evaluate_baseline(rs, registry, sweep_id: str | None, out_dir: Path) -> str:
     """Evaluate the untrained model and record it as a run of kind `baseline`, beside the trained one; an
     identical evaluation already recorded (same weights, benchmarks and settings: the same identity) is
     reused instead of being run again. Returns the baseline's run id."""
-    from koe5.eval.model_eval import (default_cache_dir, describe, evaluate_encoder, identity, model_limit,
-                                      record_baseline, resolve_lengths)
+    from koe5.eval.model_eval import (check_dims, default_cache_dir, describe, embedding_width, evaluate_encoder,
+                                      identity, model_limit, record_baseline, resolve_lengths)
 
     spec = rs.spec
     model = spec.model.name_or_path
     encoder, benchmarks = _load(spec, model)
     settings = resolve_lengths(encode_settings(spec), model_limit(encoder))
-    description = describe(encoder, model, settings, benchmarks, spec.eval.k)
+    # The same widths as the trained model, so base and trained compare per width.
+    dims = check_dims(eval_dims(spec), embedding_width(encoder))
+    description = describe(encoder, model, settings, benchmarks, spec.eval.k, dims=dims)
     done = [r for r in registry.find_runs(identity(description), status="finished") if r["kind"] == "baseline"]
     if done:
         print(f"baseline: the untrained model {model} was already evaluated with these settings as run "
@@ -73,7 +85,7 @@ def evaluate_baseline(rs, registry, sweep_id: str | None, out_dir: Path) -> str:
         return done[-1]["run_id"]
     print(f"baseline: evaluating the untrained model {model}")
     results = evaluate_encoder(encoder, benchmarks, spec.eval.k, settings, cache_dir=default_cache_dir(),
-                               progress=True, nproc=spec.launch.nproc_per_node)
+                               progress=True, nproc=spec.launch.nproc_per_node, dims=dims)
     run_id = record_baseline(registry, f"{spec.name}@init", results, description, str(out_dir), model,
                              provenance(1, encoder.device.split(":")[0]), tags=[*spec.tags, "init"],
                              sweep_id=sweep_id)

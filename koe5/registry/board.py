@@ -195,12 +195,55 @@ def spec_columns(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def load_metrics(reg: Registry) -> pd.DataFrame:
+    """Every run's metrics at the full embedding width: what every table, delta and sweep compares. The
+    values at truncated widths (eval.dims) are another model size; load_width_metrics reads them."""
     cols = ["run_id", "benchmark", "metric", "k", "value", "fingerprint", "evaluator_version"]
     try:
-        _, rows = reg.query(f"SELECT {', '.join(cols)} FROM metrics")
+        _, rows = reg.query(f"SELECT {', '.join(cols)} FROM metrics WHERE dim IS NULL")
     except Exception:  # no registry file yet
         rows = []
     return pd.DataFrame(rows, columns=cols)
+
+
+def load_width_metrics(reg: Registry) -> pd.DataFrame:
+    """The metric rows of the runs evaluated at truncated widths (eval.dims), full-width rows included,
+    with `width`: the truncated width, or the model's full width (`model_dim`) on a full-width row
+    (NaN where the registry does not know it)."""
+    cols = ["run_id", "benchmark", "metric", "k", "value", "fingerprint", "evaluator_version", "dim", "model_dim"]
+    try:
+        _, rows = reg.query(f"SELECT {', '.join(cols)} FROM metrics WHERE run_id IN "
+                            "(SELECT run_id FROM metrics WHERE dim IS NOT NULL)")
+    except Exception:  # no registry file yet
+        rows = []
+    df = pd.DataFrame(rows, columns=cols)
+    df["width"] = df["dim"].fillna(df["model_dim"]).astype("Float64")
+    return df
+
+
+def width_points(runs: pd.DataFrame, width_metrics: pd.DataFrame, metric: str, k: int,
+                 benchmark: str | None = None) -> pd.DataFrame:
+    """The data of the quality-against-width plot: one row per (run, width) for the shown runs evaluated at
+    more than one width, columns run_id, name, width, full (the full width's point) and
+    'METRIC@k (x100)' (the mean over the benchmarks, or `benchmark`'s). A width lacking one of the run's
+    benchmarks is left out, so a point never averages fewer benchmarks than its neighbours."""
+    label = metric_label(metric, k) + X100
+    out_cols = ["run_id", "name", "width", "full", label]
+    m = width_metrics[(width_metrics["metric"] == metric) & (width_metrics["k"] == k)
+                      & width_metrics["run_id"].isin(runs["run_id"]) & width_metrics["width"].notna()]
+    if benchmark:
+        m = m[m["benchmark"] == benchmark]
+    if m.empty:
+        return pd.DataFrame(columns=out_cols)
+    n_bench = m.groupby("run_id")["benchmark"].nunique().rename("n_bench")
+    points = m.groupby(["run_id", "width"], as_index=False).agg(
+        value=("value", "mean"), benchmarks=("benchmark", "nunique"), full=("dim", lambda d: bool(d.isna().all())))
+    points = points.join(n_bench, on="run_id")
+    points = points[points["benchmarks"] == points["n_bench"]]
+    points = points[points.groupby("run_id")["width"].transform("nunique") > 1]  # a curve needs two widths
+    names = runs.set_index("run_id")["name"]
+    points = points.assign(name=points["run_id"].map(names), width=points["width"].astype(int),
+                           **{label: points["value"] * 100})
+    return points.sort_values(["run_id", "width"], kind="stable")[out_cols].reset_index(drop=True)
 
 
 def load_train_log(reg: Registry, run_ids: list[str]) -> pd.DataFrame:

@@ -206,13 +206,31 @@ def eval_log_table(rows: list[dict], metric: str) -> str:
                   [[step] + [x100(values.get(b)) for b in benchmarks] for step, values in sorted(by_step.items())])
 
 
+def width_table(full: list[dict], truncated: list[dict]) -> str:
+    """One row per (benchmark, metric@k), one column per width x100, narrowest first and the full width last
+    (headed by its number when the registry knows it), so quality reads against size along a row."""
+    widths = sorted({m["dim"] for m in truncated})
+    model_dims = {m["model_dim"] for m in truncated if m.get("model_dim")}
+    full_label = f"{model_dims.pop()} (full)" if len(model_dims) == 1 else "full"
+    cells: dict[tuple[str, str], dict] = {}
+    for m in truncated:
+        cells.setdefault((m["benchmark"], f"{m['metric']}@{m['k']}"), {})[m["dim"]] = m["value"]
+    for m in full:
+        key = (m["benchmark"], f"{m['metric']}@{m['k']}")
+        if key in cells:  # only the metrics that were evaluated at the narrower widths
+            cells[key][None] = m["value"]
+    keys = sorted(cells, key=lambda key: (key[0], *metric_order(key[1])))
+    return _table(["benchmark", "metric (x100)"] + [str(w) for w in widths] + [full_label],
+                  [[b, name] + [x100(cells[(b, name)].get(w)) for w in [*widths, None]] for b, name in keys])
+
+
 @_cli_errors
 def cmd_show(args: argparse.Namespace) -> int:
     run = _registry(args).get_run(args.run)
     if args.json:
         _print_json(run)
         return 0
-    skip = {"spec_yaml", "metrics", "artifacts", "eval_log"}
+    skip = {"spec_yaml", "metrics", "dim_metrics", "artifacts", "eval_log"}
     for key, value in run.items():
         if key not in skip and value not in (None, [], {}):
             print(f"{key:15} {json.dumps(value, default=str, ensure_ascii=False) if isinstance(value, (dict, list)) else value}")
@@ -222,6 +240,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(_table(["benchmark", "metric", "value (x100)", "fingerprint", "evaluator"],
                      [[m["benchmark"], f"{m['metric']}@{m['k']}", x100(m["value"]), m["fingerprint"],
                        m["evaluator_version"]] for m in metrics]))
+    if run["dim_metrics"]:
+        print("\nmetrics per embedding width (eval.dims; the table above is the full width):")
+        print(width_table(run["metrics"], run["dim_metrics"]))
     notes = training_notes(run.get("train_summary"))
     if run["eval_log"] or notes:
         print("\nduring training:")
@@ -292,7 +313,8 @@ def cmd_best(args: argparse.Namespace) -> int:
     metric, k = parse_metric(args.metric)
     cols, rows = _registry(args).query(
         "SELECT m.run_id, r.name, r.kind, m.benchmark, m.value, m.fingerprint, m.evaluator_version "
-        "FROM metrics m JOIN runs r USING (run_id) WHERE m.metric = ? AND m.k = ?", [metric, k])
+        # The full width only: a value at a truncated width (eval.dims) is another model size, not a rival.
+        "FROM metrics m JOIN runs r USING (run_id) WHERE m.metric = ? AND m.k = ? AND m.dim IS NULL", [metric, k])
     df = pd.DataFrame(rows, columns=cols)
     # Values from another benchmark fingerprint or evaluator version are not comparable: leave them out,
     # and rank only runs that have a comparable value on every benchmark considered.
@@ -320,8 +342,9 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 EXPORT_SQL = ("SELECT r.run_id, r.name, r.kind, r.status, r.spec_hash, r.created_at, r.finished_at, r.tags, "
-              "r.sweep_id, r.git_commit, m.benchmark, m.metric, m.k, m.value, m.fingerprint, m.evaluator_version "
-              "FROM runs r LEFT JOIN metrics m USING (run_id) ORDER BY r.run_id, m.benchmark, m.metric, m.k")
+              "r.sweep_id, r.git_commit, m.benchmark, m.metric, m.k, m.value, m.fingerprint, m.evaluator_version, "
+              "m.dim, m.model_dim FROM runs r LEFT JOIN metrics m USING (run_id) "
+              "ORDER BY r.run_id, m.benchmark, m.metric, m.k, m.dim NULLS FIRST")
 
 
 @_cli_errors

@@ -163,8 +163,15 @@ class Registry:
             con.execute("UPDATE runs SET heartbeat_at = ? WHERE run_id = ?", [utcnow(), run_id])
 
     def add_metrics(self, run_id: str, benchmark: str, values: dict[tuple[str, int], float],
-                    fingerprint: str | None = None, evaluator_version: str | None = None) -> None:
-        """Record metric values; re-recording (run, benchmark, metric, k) replaces the old value."""
+                    fingerprint: str | None = None, evaluator_version: str | None = None,
+                    dim: int | None = None, model_dim: int | None = None) -> None:
+        """Record metric values; re-recording (run, benchmark, metric, k, dim) replaces the old value.
+
+        `dim` None: the model's full embedding; a number: the embeddings truncated to that width (Matryoshka
+        evaluation). `model_dim`: the full width, so the two can be placed on one axis."""
+        if dim is not None and (int(dim) < 1 or (model_dim is not None and int(dim) >= int(model_dim))):
+            raise RegistryError(f"Width {dim} on {benchmark!r}: a truncated width is positive and below the "
+                                f"model's full width {model_dim} (record the full width with dim None).")
         rows = []
         for (metric, k), value in values.items():
             if metric not in METRICS:
@@ -174,14 +181,18 @@ class Registry:
             if not (0.0 <= value <= 1.0) or math.isnan(value):
                 raise RegistryError(f"Metric {metric}@{k} on {benchmark!r} is {value}: metric values are "
                                     f"fractions in [0, 1].")
-            rows.append([run_id, benchmark, metric, int(k), value, fingerprint, evaluator_version, utcnow()])
+            rows.append([run_id, benchmark, metric, int(k), value, fingerprint, evaluator_version, utcnow(),
+                         None if dim is None else int(dim), None if model_dim is None else int(model_dim)])
         with write_connection(self.path) as con:
             self._require(con, run_id)
             con.execute("BEGIN TRANSACTION")
             for r in rows:
-                con.execute("DELETE FROM metrics WHERE run_id = ? AND benchmark = ? AND metric = ? AND k = ?", r[:4])
+                con.execute("DELETE FROM metrics WHERE run_id = ? AND benchmark = ? AND metric = ? AND k = ? "
+                            "AND dim IS NOT DISTINCT FROM ?", r[:4] + r[8:9])
             if rows:
-                con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                con.executemany("INSERT INTO metrics (run_id, benchmark, metric, k, value, fingerprint, "
+                                "evaluator_version, recorded_at, dim, model_dim) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                rows)
             con.execute("COMMIT")
 
     def add_artifact(self, run_id: str, kind: str, path: str) -> None:
@@ -315,14 +326,20 @@ class Registry:
 
         JSON columns come back decoded; `status` is the effective status (`crashed` for a running run with a
         stale heartbeat) and `recorded_status` the stored one; `metrics`, `artifacts` and `eval_log` (the
-        evaluations during training, by step) are lists of dicts.
+        evaluations during training, by step) are lists of dicts. `metrics` holds the full-width embedding's
+        values only (what every comparison means); `dim_metrics` the values at truncated widths (eval.dims),
+        each with its `dim`, narrowest first.
         """
         with read_connection(self.path) as con:
             runs = [] if con is None else _rows(con, "SELECT run_id, name, kind FROM runs ORDER BY created_at, run_id")
             run_id = resolve_run_ref(ref, runs, self.path)
             run = _decode(_rows(con, "SELECT * FROM runs WHERE run_id = ?", [run_id])[0])
             run["metrics"] = _rows(con, "SELECT benchmark, metric, k, value, fingerprint, evaluator_version "
-                                        "FROM metrics WHERE run_id = ? ORDER BY benchmark, metric, k", [run_id])
+                                        "FROM metrics WHERE run_id = ? AND dim IS NULL "
+                                        "ORDER BY benchmark, metric, k", [run_id])
+            run["dim_metrics"] = _rows(con, "SELECT dim, model_dim, benchmark, metric, k, value, fingerprint, "
+                                            "evaluator_version FROM metrics WHERE run_id = ? AND dim IS NOT NULL "
+                                            "ORDER BY dim, benchmark, metric, k", [run_id])
             run["artifacts"] = _rows(con, "SELECT kind, path, created_at FROM artifacts WHERE run_id = ? "
                                           "ORDER BY created_at", [run_id])
             run["eval_log"] = _rows(con, "SELECT step, benchmark, metric, k, value, seconds FROM eval_log "
@@ -343,7 +360,8 @@ class Registry:
             # A sweep id, like a run id, may be given by a unique prefix; '' matches every run.
             runs = _rows(con, "SELECT * FROM runs WHERE ? = '' OR starts_with(sweep_id, ?) ORDER BY created_at DESC, run_id DESC",
                          [sweep or "", sweep or ""])
-            scores = _rows(con, "SELECT run_id, benchmark, value FROM metrics WHERE metric = ? AND k = ?", [metric, k])
+            scores = _rows(con, "SELECT run_id, benchmark, value FROM metrics WHERE metric = ? AND k = ? "
+                                "AND dim IS NULL", [metric, k])  # the full width: a run's headline
         per_run: dict[str, dict[str, float]] = {}
         for s in scores:
             per_run.setdefault(s["run_id"], {})[s["benchmark"]] = s["value"]

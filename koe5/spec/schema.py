@@ -293,6 +293,11 @@ class EvalSpec:
     during: list[str] = doc(
         "Names of eval.benchmarks evaluated during training (a large benchmark every eval.every steps costs "
         "time); empty = all of them. After training every benchmark is evaluated as usual.", [], resume_safe=True)
+    dims: Optional[list[int]] = doc(
+        "Matryoshka evaluation: also evaluate at these embedding widths (query and passage embeddings truncated "
+        "to their first d dimensions and renormalized, as sentence-transformers' truncate_dim), the trained "
+        "model and the baseline alike, each width recorded as its own metric rows; the full width is always "
+        "evaluated. null = loss.matryoshka_dims (none without it).", None, resume_safe=True)
 
 
 @dataclass

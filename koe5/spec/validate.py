@@ -316,6 +316,13 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: 
                                                       "BEIR layout: corpus.jsonl, queries.jsonl, qrels/test.tsv)")
 
     _check_eval_during(spec, bad, need, broken)
+    if isinstance(e.dims, list) and "eval.dims" not in broken:  # whether each fits the model: checks.py
+        if not e.dims:
+            bad("eval.dims", "expected at least one width (or null for loss.matryoshka_dims)")
+        for i, dim in enumerate(e.dims):
+            need(f"eval.dims[{i}]", dim, positive, "expected a positive width")
+        if len(set(e.dims)) != len(e.dims):
+            bad("eval.dims", f"each width at most once, found {e.dims}")
 
     # Invalid on every machine, so the dry run refuses it too (what depends on this machine's devices is
     # check_devices', which a spec meant for elsewhere skips).
