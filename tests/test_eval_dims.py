@@ -297,3 +297,33 @@ def test_width_points_give_one_line_per_run_with_more_than_one_width(tmp_path):
         ("two", 32): 30.0, ("two", 64): 10.0, ("two", 128): 50.0}
     assert width_points(runs[runs["name"] != "two"], widths, "ndcg", 10).empty
     assert width_points(runs, widths, "recall", 10).empty
+
+
+# ---- koe5-run ------------------------------------------------------------------------------------------
+
+def test_koe5_run_evaluates_the_trained_model_and_the_baseline_at_the_loss_widths(exported, tmp_path):
+    """eval.dims null: the widths of loss.matryoshka_dims (the full one listed there is evaluated once, as
+    the full width). The baseline is evaluated at the same widths; each width equals sentence-transformers'
+    truncate_dim on the untrained model (`exported`) and on the exported trained one; and the closing table
+    compares each width with the same width of the base."""
+    from test_quickstart import QUICKSTART, koe5_run
+
+    registry = tmp_path / "koe5.duckdb"
+    proc = koe5_run(str(QUICKSTART), "train.max_steps=2", "loss.matryoshka_dims=[128, 32]",
+                    f"output_dir={tmp_path / 'runs'}", registry=registry)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    reg = Registry(registry)
+    runs = {r["kind"]: reg.get_run(r["run_id"]) for r in reg.list_runs()}
+    model_dir = Path(next(a["path"] for a in runs["train"]["artifacts"] if a["kind"] == "model"))
+    for kind, directory in (("train", model_dir), ("baseline", exported)):
+        rows = runs[kind]["dim_metrics"]
+        assert {m["dim"] for m in rows} == {32} and {m["model_dim"] for m in rows} == {128}, kind
+        got = {f"{m['metric']}@{m['k']}": m["value"] for m in rows}
+        for name, value in reference_metrics(directory, 32).items():
+            assert got[name] == pytest.approx(value, abs=1e-6), (kind, name)
+    # The table koe5-run ends with: the base's and the trained model's value at 32 and their change.
+    base = {(m["metric"], m["k"]): m["value"] for m in runs["baseline"]["dim_metrics"]}
+    trained = {(m["metric"], m["k"]): m["value"] for m in runs["train"]["dim_metrics"]}
+    [row] = [line.split() for line in proc.stdout.splitlines() if line.startswith("ndcg@10 @32d")]
+    b, t = 100 * base[("ndcg", 10)], 100 * trained[("ndcg", 10)]
+    assert row[2:] == [f"{b:.2f}", f"{t:.2f}", f"{t - b:+.2f}"]
