@@ -299,6 +299,24 @@ def test_width_points_give_one_line_per_run_with_more_than_one_width(tmp_path):
     assert width_points(runs, widths, "recall", 10).empty
 
 
+
+def test_the_widths_view_draws_each_runs_metric_against_the_width(tmp_path, monkeypatch):
+    """The leaderboard's Widths view draws width_points: the run with widths, never the run without."""
+    from test_leaderboard_app import _chart_layers, _charts, open_app
+
+    reg = Registry(tmp_path / "r.duckdb")
+    two = record_widths(reg, "two", 0.5, {32: 0.3, 64: 0.4})
+    record_widths(reg, "plain", 0.6, {})
+    app = open_app(reg.path, monkeypatch)
+    app.sidebar.radio[0].set_value("Widths").run()
+    assert not app.exception, app.exception
+    assert app.selectbox(key="width_metric").value == "NDCG@10"
+    (_, data), = [(m, d) for m, d in _chart_layers(_charts(app)[0]) if m == "line"]
+    assert {(r["run"], int(r["width"])): r["NDCG@10 (x100)"] for _, r in data.iterrows()} == {
+        (f"two ({two})", 32): pytest.approx(30.0), (f"two ({two})", 64): pytest.approx(40.0),
+        (f"two ({two})", 128): pytest.approx(50.0)}
+
+
 # ---- koe5-run ------------------------------------------------------------------------------------------
 
 def test_koe5_run_evaluates_the_trained_model_and_the_baseline_at_the_loss_widths(exported, tmp_path):
