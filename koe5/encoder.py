@@ -38,12 +38,19 @@ def read_st_settings(path: str) -> dict:
     return out
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # eval.dtype -> the weights' dtype
+
+
 class Encoder:
-    """Inference: texts -> float32 numpy embeddings, batched by length."""
+    """Inference: texts -> float32 numpy embeddings, batched by length. `dtype` (eval.dtype) is the weights'
+    dtype: fp32, or bf16 (the weights cast once; EmbeddingModel still pools and normalizes in float32)."""
 
     def __init__(self, model: EmbeddingModel, tokenizer, device: str = "cpu", path: Optional[str] = None,
-                 prefixes: Optional[dict] = None):
-        self.model = model.to(device).eval()
+                 prefixes: Optional[dict] = None, dtype: str = "fp32"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
+        self.model = model.to(device=device, dtype=DTYPES[dtype]).eval()
         self.tokenizer = tokenizer
         self.device = device
         self.path = path
@@ -82,7 +89,7 @@ class Encoder:
 
 
 def load_encoder(name_or_path: str, pooling: Optional[str] = None, normalize: Optional[bool] = None,
-                 device: str = "cpu") -> Encoder:
+                 device: str = "cpu", dtype: str = "fp32") -> Encoder:
     """An inference encoder. Pooling and normalization default to what the model directory says
     (sentence-transformers layout), else mean pooling with normalization (the E5 recipe)."""
     path = resolve_model_path(name_or_path)
@@ -90,4 +97,4 @@ def load_encoder(name_or_path: str, pooling: Optional[str] = None, normalize: Op
     backbone, tokenizer = load_backbone(path)
     model = EmbeddingModel(backbone, pooling or saved.get("pooling", "mean"),
                            saved.get("normalize", True) if normalize is None else normalize)
-    return Encoder(model, tokenizer, device=device, path=path, prefixes=saved.get("prefixes"))
+    return Encoder(model, tokenizer, device=device, path=path, prefixes=saved.get("prefixes"), dtype=dtype)

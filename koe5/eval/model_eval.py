@@ -82,7 +82,8 @@ def evaluate_encoder(encoder, benchmarks: Sequence[Benchmark], ks: Sequence[int]
     def encode(texts, prefix, max_len, what):
         if nproc > 1:
             return encode_sharded(encoder.path, texts, prefix, max_len, nproc=nproc, batch_size=s.batch_size,
-                                  pooling=encoder.model.pooling, normalize=encoder.model.normalize)
+                                  pooling=encoder.model.pooling, normalize=encoder.model.normalize,
+                                  dtype=encoder.dtype)
         return encoder.encode(texts, prefix, max_len, s.batch_size, progress=progress and what)
 
     def encode_queries(texts):
@@ -92,8 +93,10 @@ def evaluate_encoder(encoder, benchmarks: Sequence[Benchmark], ks: Sequence[int]
         return encode(texts, s.passage_prefix, s.passage_max_len, "passages")
 
     if cache_dir:
+        # dtype: bf16 weights give other embeddings than fp32 ones on the same device (eval.dtype)
         common = {"model": encoder.fingerprint, "pooling": encoder.model.pooling,
-                  "normalize": encoder.model.normalize, "device": encoder.device.split(":")[0]}
+                  "normalize": encoder.model.normalize, "device": encoder.device.split(":")[0],
+                  "dtype": encoder.dtype}
         encode_queries = cached(encode_queries, cache_dir,
                                 {**common, "prefix": s.query_prefix, "max_len": s.query_max_len})
         encode_passages = cached(encode_passages, cache_dir,
@@ -123,7 +126,7 @@ def describe(encoder, model_name: str, settings: EncodeSettings, benchmarks: Seq
                   "query_prefix": settings.query_prefix, "passage_prefix": settings.passage_prefix,
                   "query_max_len": settings.query_max_len, "passage_max_len": settings.passage_max_len},
         "eval": {"benchmarks": [{"name": b.name, "fingerprint": b.fingerprint} for b in benchmarks],
-                 "k": sorted(ks), "index": index, "device": encoder.device.split(":")[0]},
+                 "k": sorted(ks), "index": index, "device": encoder.device.split(":")[0], "dtype": encoder.dtype},
     }
 
 
