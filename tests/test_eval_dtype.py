@@ -82,3 +82,29 @@ def test_a_bf16_evaluation_is_a_different_baseline_identity():
 def test_an_unknown_dtype_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="fp32, bf16"):
         load_encoder("builtin:tiny-ko-bert", dtype="fp16")
+
+
+def test_prefetching_tokenization_gives_identical_embeddings_and_runs_off_the_main_thread():
+    """Encoder.encode tokenizes the next batch in a worker thread while the model runs: bit-identical
+    embeddings to tokenizing in line, and the tokenizer really is called from the worker."""
+    import threading
+
+    texts = load_benchmark(SAMPLE).corpus_texts[:70]
+    encoder = load_encoder("builtin:tiny-ko-bert")
+    inline = encoder.encode(texts, "passage: ", 64, batch_size=16, prefetch=False)
+    threads = []
+    tokenizer = encoder.tokenizer
+    call = type(tokenizer).__call__
+
+    class Recording(type(tokenizer)):
+        def __call__(self, *args, **kwargs):
+            threads.append(threading.current_thread().name)
+            return call(self, *args, **kwargs)
+
+    tokenizer.__class__ = Recording
+    try:
+        prefetched = encoder.encode(texts, "passage: ", 64, batch_size=16)
+    finally:
+        tokenizer.__class__ = Recording.__mro__[1]
+    assert np.array_equal(prefetched, inline)
+    assert len(threads) == 5 and all(t.startswith("koe5-tokenize") for t in threads)
