@@ -119,11 +119,32 @@ def test_varlen_turns_attention_dropout_off_and_reports_it():
     assert backbone.config.attention_probs_dropout_prob == pytest.approx(0.1)  # the export keeps the config
 
 
-def test_varlen_refuses_an_architecture_it_cannot_pack():
+def test_varlen_refuses_an_architecture_it_cannot_pack(tmp_path):
+    """In the model (a ValueError) and, before a run is recorded, in koe5-run's check_model: one line naming
+    model.attention, from the model's config."""
+    import shutil
+
     from transformers import GPT2Config, GPT2Model
+
+    from koe5.demo_model import build_demo_model
+    from koe5.orchestrate.checks import ModelError, check_model
+    from koe5.spec.schema import DataSpec, ModelSpec, SourceSpec, Spec
 
     with pytest.raises(ValueError, match="model.attention: varlen supports bert"):
         EmbeddingModel(GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2)), "mean", True, attention="varlen")
+
+    gpt2 = tmp_path / "gpt2"
+    shutil.copytree(build_demo_model(), gpt2)  # the demo's tokenizer files, a GPT-2 config
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(gpt2)
+
+    def spec_with(path, attention):
+        return Spec(name="m", model=ModelSpec(name_or_path=str(path), attention=attention),
+                    data=DataSpec(sources=[SourceSpec(path="x")]))
+
+    check_model(spec_with(gpt2, "padded"))
+    check_model(spec_with("builtin:tiny-ko-bert", "varlen"))
+    with pytest.raises(ModelError, match=r"^model.attention: varlen supports bert, .* is 'gpt2': use model"):
+        check_model(spec_with(gpt2, "varlen"))
 
 
 @pytest.mark.parametrize("chunking", [dict(chunk_size=2), dict(chunk_tokens=60)])

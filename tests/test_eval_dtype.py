@@ -24,9 +24,10 @@ def test_bf16_weights_encode_with_bfloat16_parameters_and_float32_output():
     b = bf16.encode(TEXTS, "passage: ", 64)
     assert b.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)  # normalized in float32
-    # bf16 keeps 8 bits of mantissa: the same embeddings to ~1e-2, never bit-identical
+    # bf16 keeps 8 bits of mantissa: the same embeddings to ~1e-3 (1.0e-3 at most on the sample), never
+    # bit-identical
     assert np.abs(a - b).max() > 1e-5
-    np.testing.assert_allclose(a, b, atol=5e-2)
+    np.testing.assert_allclose(a, b, atol=1e-2)
 
 
 class Spy:

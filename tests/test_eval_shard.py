@@ -32,9 +32,9 @@ def test_two_processes_encode_exactly_like_one(dtype):
     single = encoder.encode(texts, "passage: ", 128, batch_size=16)
     sharded = encode_sharded(encoder.path, texts, "passage: ", 128, nproc=2, batch_size=16, dtype=dtype)
     assert sharded.shape == single.shape
-    # bf16 rows round differently when the batches around them change shape (~5e-5); a rank encoding in
-    # fp32 instead would be off by ~1e-2 (checked below), far outside this tolerance
-    np.testing.assert_allclose(sharded, single, atol=1e-5 if dtype == "fp32" else 1e-3)
+    # bf16 rows round differently when the batches around them change shape (5e-5 seen); a rank encoding
+    # in fp32 instead would be off by ~1e-3 (checked below), outside this tolerance
+    np.testing.assert_allclose(sharded, single, atol=1e-5 if dtype == "fp32" else 2e-4)
     if dtype == "bf16":
         fp32 = load_encoder("builtin:tiny-ko-bert").encode(texts, "passage: ", 128, batch_size=16)
-        assert np.abs(fp32 - single).max() > 1e-3
+        assert np.abs(fp32 - single).max() > 5e-4
