@@ -109,3 +109,24 @@ def test_prefetching_tokenization_gives_identical_embeddings_and_runs_off_the_ma
         tokenizer.__class__ = Recording.__mro__[1]
     assert np.array_equal(prefetched, inline)
     assert len(threads) == 5 and all(t.startswith("koe5-tokenize") for t in threads)
+
+
+def test_the_cli_flag_and_the_spec_key_reach_the_encoder(capsys):
+    """`koe5 eval --dtype bf16` records bf16 in the evaluation's settings; koe5-run's evaluation loads the
+    encoder in the spec's eval.dtype."""
+    import json
+
+    from koe5 import cli
+    from koe5.orchestrate.evaluation import _load
+    from koe5.spec.schema import DataSpec, EvalSpec, ModelSpec, SourceSpec, Spec
+
+    code = cli.main(["eval", "--model", "builtin:tiny-ko-bert", "--benchmark", SAMPLE, "--k", "1",
+                     "--query-max-len", "32", "--passage-max-len", "32", "--dtype", "bf16", "--device", "cpu",
+                     "--json", "--no-record", "--no-cache"])
+    out = capsys.readouterr().out
+    assert code == 0 and json.loads(out)["settings"]["eval"]["dtype"] == "bf16"
+
+    spec = Spec(name="m", model=ModelSpec(name_or_path="builtin:tiny-ko-bert"),
+                data=DataSpec(sources=[SourceSpec(path="x")]), eval=EvalSpec(dtype="bf16"))
+    encoder, _ = _load(spec, "builtin:tiny-ko-bert")
+    assert encoder.dtype == "bf16" and next(encoder.model.parameters()).dtype == torch.bfloat16
