@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="the weights' dtype while encoding (eval.dtype; issue 17, lever 6)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         synthetic_benchmark(os.path.join(tmp, "bench"), args.passages, args.queries)
         bench = load_benchmark(os.path.join(tmp, "bench"), name="synthetic")
         load_s = time.perf_counter() - t0
-        encoder = load_encoder(args.model, device=args.device)
+        encoder = load_encoder(args.model, device=args.device, dtype=args.dtype)
         settings = EncodeSettings("query: ", "passage: ", args.max_len, args.max_len, args.batch_size)
 
         runs = []
@@ -80,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
                          "ndcg@10": round(result.metrics.aggregate[("ndcg", 10)], 4)})
 
     report = {"passages": args.passages, "queries": args.queries, "model": args.model, "device": args.device,
+              "dtype": encoder.dtype, "param_dtype": str(next(encoder.model.parameters()).dtype),
               "threads": torch.get_num_threads(), "load_and_build_s": round(load_s, 3), "runs": runs}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{args.passages} passages, {args.queries} queries, {args.model} on {args.device} "
+        print(f"{args.passages} passages, {args.queries} queries, {args.model} on {args.device} ({args.dtype}) "
               f"({report['threads']} threads); build+load {load_s:.1f}s")
         cols = ["run", "encode_queries", "encode_passages", "search", "metrics", "total", "ndcg@10"]
         print("  ".join(f"{c:>15s}" for c in cols))

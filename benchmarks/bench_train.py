@@ -207,7 +207,9 @@ def measure(variant: str, shape: str, batch: int, chunk: int, steps: int, device
            if device.type == "cuda" else "fp32", "steps_timed": steps, "s_per_step": round(seconds, 4),
            "triples_per_s": round(batch / seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
            "mfu": round(flops / seconds / peak, 4), "peak_mem_gib": round(peak_memory_gib(device), 3),
-           "final_loss": round(float(loss), 4), "overrides": overrides if variant == "koe5" else []}
+           "final_loss": round(float(loss), 4), "overrides": overrides if variant == "koe5" else [],
+           # what the trained module really ran (model.attention), not only what was asked for
+           "attention": owner.module.attention if variant == "koe5" else "padded"}
     del owner
     return row
 
@@ -270,8 +272,12 @@ def main(argv: list[str] | None = None) -> int:
                          "at batch 512 vs 16384 (chunk 128), encoding")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a spec override for koe5's side, e.g. cache.chunk_tokens=32768 (repeatable)")
+    ap.add_argument("--attention", choices=["padded", "varlen"], default=None,
+                    help="koe5's model.attention (issue 17, lever 5): the same as --set model.attention=...")
     ap.add_argument("--out", help="append the JSON lines to this file")
     args = ap.parse_args(argv)
+    if args.attention:
+        args.overrides.append(f"model.attention={args.attention}")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

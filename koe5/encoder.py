@@ -38,12 +38,19 @@ def read_st_settings(path: str) -> dict:
     return out
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # eval.dtype -> the weights' dtype
+
+
 class Encoder:
-    """Inference: texts -> float32 numpy embeddings, batched by length."""
+    """Inference: texts -> float32 numpy embeddings, batched by length. `dtype` (eval.dtype) is the weights'
+    dtype: fp32, or bf16 (the weights cast once; EmbeddingModel still pools and normalizes in float32)."""
 
     def __init__(self, model: EmbeddingModel, tokenizer, device: str = "cpu", path: Optional[str] = None,
-                 prefixes: Optional[dict] = None):
-        self.model = model.to(device).eval()
+                 prefixes: Optional[dict] = None, dtype: str = "fp32"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
+        self.model = model.to(device=device, dtype=DTYPES[dtype]).eval()
         self.tokenizer = tokenizer
         self.device = device
         self.path = path
@@ -58,7 +65,11 @@ class Encoder:
 
     @torch.no_grad()
     def encode(self, texts: list[str], prefix: str, max_len: int, batch_size: int = 64,
-               progress: bool | str = False) -> np.ndarray:
+               progress: bool | str = False, prefetch: bool = True) -> np.ndarray:
+        """`prefetch`: tokenize the next batch in a second thread while the model runs this one (the Rust
+        tokenizer releases the GIL); the batches, their order and so the embeddings are the same either way."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm.auto import tqdm
 
         # Sorting by length keeps padding per batch small; results go back in the caller's order.
@@ -68,12 +79,23 @@ class Encoder:
         starts = range(0, len(texts), batch_size)
         desc = progress if isinstance(progress, str) else "encode"
         use_autocast = self.device.startswith("cuda")
-        for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+
+        def inputs(start: int) -> dict:
             idx = order[start:start + batch_size]
-            batch = tokenize(self.tokenizer, [texts[i] for i in idx], prefix, max_len)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-                chunks.append(self.model(**batch).float().cpu().numpy())
+            return tokenize(self.tokenizer, [texts[i] for i in idx], prefix, max_len)
+
+        # One worker: only it touches the tokenizer, so the tokenizer is never used by two threads at once.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="koe5-tokenize") as pool:
+            pending = pool.submit(inputs, starts[0]) if prefetch and len(starts) else None
+            for i, start in enumerate(tqdm(starts, desc=desc, disable=not progress, unit="batch")):
+                if pending is None:
+                    batch = inputs(start)
+                else:
+                    batch = pending.result()
+                    pending = pool.submit(inputs, starts[i + 1]) if i + 1 < len(starts) else None
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+                    chunks.append(self.model(**batch).float().cpu().numpy())
         if chunks:
             emb = np.concatenate(chunks)
             out = np.empty_like(emb)
@@ -82,7 +104,7 @@ class Encoder:
 
 
 def load_encoder(name_or_path: str, pooling: Optional[str] = None, normalize: Optional[bool] = None,
-                 device: str = "cpu") -> Encoder:
+                 device: str = "cpu", dtype: str = "fp32") -> Encoder:
     """An inference encoder. Pooling and normalization default to what the model directory says
     (sentence-transformers layout), else mean pooling with normalization (the E5 recipe)."""
     path = resolve_model_path(name_or_path)
@@ -90,4 +112,4 @@ def load_encoder(name_or_path: str, pooling: Optional[str] = None, normalize: Op
     backbone, tokenizer = load_backbone(path)
     model = EmbeddingModel(backbone, pooling or saved.get("pooling", "mean"),
                            saved.get("normalize", True) if normalize is None else normalize)
-    return Encoder(model, tokenizer, device=device, path=path, prefixes=saved.get("prefixes"))
+    return Encoder(model, tokenizer, device=device, path=path, prefixes=saved.get("prefixes"), dtype=dtype)

@@ -11,17 +11,33 @@ from torch import nn
 
 
 class EmbeddingModel(nn.Module):
-    """Backbone -> pooled (and optionally L2-normalized) embeddings in float32."""
+    """Backbone -> pooled (and optionally L2-normalized) embeddings in float32.
 
-    def __init__(self, backbone: nn.Module, pooling: str = "mean", normalize: bool = True):
+    `attention` (model.attention): `padded` runs the padded batch as it is; `varlen` packs the rows' real
+    tokens into one sequence and attends within each row (koe5/attention.py), the same function without the
+    pad tokens' work. varlen switches the backbone's attention dropout off (the kernel has none);
+    `replaced_attention_dropout` keeps the probability it had, for the trainer to report."""
+
+    def __init__(self, backbone: nn.Module, pooling: str = "mean", normalize: bool = True,
+                 attention: str = "padded"):
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        if attention not in ("padded", "varlen"):
+            raise ValueError(f"attention must be 'padded' or 'varlen', got {attention!r}")
         self.backbone = backbone
         self.pooling = pooling
         self.normalize = normalize
+        self.attention = attention
+        self.replaced_attention_dropout = 0.0
+        if attention == "varlen":
+            from koe5.attention import use_varlen
+
+            self.replaced_attention_dropout = use_varlen(backbone)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.attention == "varlen":
+            return self._forward_packed(input_ids, attention_mask)
         # Pooling, the loss and the metrics run in float32 whatever the weights' precision: a bf16 sum
         # over hundreds of tokens loses the low bits that separate close candidates.
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
@@ -30,6 +46,21 @@ class EmbeddingModel(nn.Module):
         else:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return self._finish(pooled)
+
+    def _forward_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """model.attention: varlen. The same embeddings as the padded forward, from the real tokens only."""
+        from koe5.attention import pack, segment_pool
+
+        packed = pack(self.backbone.embeddings, input_ids, attention_mask)
+        # No attention mask: the segments (cu_seqlens) are the mask, and transformers builds none for an
+        # attention implementation it has no mask function for.
+        out = self.backbone(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                            **packed.attention_kwargs())
+        hidden = out.last_hidden_state[0].float()  # float32 pooling, as in the padded forward
+        return self._finish(segment_pool(hidden, packed, input_ids.shape[0], self.pooling))
+
+    def _finish(self, pooled: torch.Tensor) -> torch.Tensor:
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return pooled

@@ -51,3 +51,15 @@ def test_bench_train_rejects_a_bad_override_before_building_models():
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert "cache.chunk_tokenz" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_train_attention_flag_runs_koe5s_step_unpadded(tmp_path):
+    """--attention varlen (issue 17, lever 5) reaches the trained module (on the CPU its reference attention)."""
+    out = tmp_path / "train.jsonl"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--steps", "1", "--batch", "8",
+                           "--chunk", "4", "--variants", "koe5", "--attention", "varlen", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines() if '"train_step"' in line]
+    assert row["overrides"] == ["model.attention=varlen"] and row["attention"] == "varlen"
+    assert row["triples_per_s"] > 0 and row["final_loss"] == row["final_loss"]

@@ -314,6 +314,21 @@ def test_bf16_on_cpu_warns(tmp_path, monkeypatch):
     assert not errors and any("bf16 on CPU" in w for w in warnings)
 
 
+def test_varlen_attention_in_fp32_on_a_gpu_is_an_error(tmp_path, monkeypatch):
+    """FlashAttention's varlen kernel takes bf16/fp16 only; train.device auto must find the GPU to say so."""
+    _, errors = device_errors(tmp_path, monkeypatch, (1, True), model__attention="varlen", train__device="auto")
+    assert errors[0][0] == "model.attention" and "train.precision: bf16" in errors[0][1]
+    (tmp_path / "bf16").mkdir()
+    warnings, errors = device_errors(tmp_path / "bf16", monkeypatch, (1, True), model__attention="varlen",
+                                     train__device="cuda", train__precision="bf16")
+    assert not errors and not any("varlen" in w for w in warnings)
+
+
+def test_varlen_attention_on_cpu_warns_that_the_kernel_does_not_run(tmp_path, monkeypatch):
+    warnings, errors = device_errors(tmp_path, monkeypatch, (0, False), model__attention="varlen")
+    assert not errors and any("model.attention: varlen on CPU" in w and "reference" in w for w in warnings)
+
+
 def test_cuda_requested_without_gpu(tmp_path, monkeypatch):
     _, errors = device_errors(tmp_path, monkeypatch, (0, False), train__device="cuda")
     assert errors[0][0] == "train.device"

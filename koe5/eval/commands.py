@@ -76,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        encoder = load_encoder(args.model, pooling=args.pooling, device=device)
+        encoder = load_encoder(args.model, pooling=args.pooling, device=device, dtype=args.dtype)
     except Exception as e:  # hub, file and config errors all come here; show them as one line
         return fail(f"could not load model '{args.model}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
                     "Give a local model directory (a hub id needs network access).")
@@ -181,6 +181,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "renormalized), each recorded beside the full width, e.g. 64,128")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="the weights' dtype while encoding (as eval.dtype); bf16 is meant for the GPU")
     p.add_argument("--nproc", type=int, default=1,
                    help="encode with this many processes (one per GPU), each taking a slice of the texts")
     p.add_argument("--name", help="run name in the registry (default: baseline-<model>)")

@@ -110,7 +110,8 @@ def cached(encode: Encode, cache_dir: str, key: dict) -> Encode:
     """Wrap `encode` so its output is kept on disk and reused for the same texts and settings.
 
     `key` must name everything besides the texts that changes the embeddings: the model's content
-    hash, prefix, max length, pooling, normalization, device kind (bf16 on GPU differs from fp32 on CPU).
+    hash, prefix, max length, pooling, normalization, device kind (bf16 on GPU differs from fp32 on CPU), the
+    weights' dtype (eval.dtype).
     The texts themselves are hashed at call time, so a changed corpus never hits a stale entry.
     """
     def wrapped(texts: list[str]) -> np.ndarray:

@@ -104,7 +104,8 @@ def evaluate_encoder(encoder, benchmarks: Sequence[Benchmark], ks: Sequence[int]
     def encode(texts, prefix, max_len, what):
         if nproc > 1:
             return encode_sharded(encoder.path, texts, prefix, max_len, nproc=nproc, batch_size=s.batch_size,
-                                  pooling=encoder.model.pooling, normalize=encoder.model.normalize)
+                                  pooling=encoder.model.pooling, normalize=encoder.model.normalize,
+                                  dtype=encoder.dtype)
         return encoder.encode(texts, prefix, max_len, s.batch_size, progress=progress and what)
 
     def encode_queries(texts):
@@ -116,6 +117,10 @@ def evaluate_encoder(encoder, benchmarks: Sequence[Benchmark], ks: Sequence[int]
     if cache_dir:
         common = {"model": encoder.fingerprint, "pooling": encoder.model.pooling,
                   "normalize": encoder.model.normalize, "device": encoder.device.split(":")[0]}
+        # bf16 weights give other embeddings than fp32 ones on the same device (eval.dtype). Named only when
+        # not fp32, so the embeddings cached before the key existed (all fp32) stay valid.
+        if encoder.dtype != "fp32":
+            common["dtype"] = encoder.dtype
         encode_queries = cached(encode_queries, cache_dir,
                                 {**common, "prefix": s.query_prefix, "max_len": s.query_max_len})
         encode_passages = cached(encode_passages, cache_dir,
@@ -143,8 +148,8 @@ def describe(encoder, model_name: str, settings: EncodeSettings, benchmarks: Seq
              ks: Sequence[int], index: str = "flat", dims: Sequence[int] = ()) -> dict:
     """Everything that determines the numbers: recorded with every evaluation (`eval_settings.json`), and
     a baseline run's spec. `settings` must be resolved (concrete lengths). The truncated widths (`dims`,
-    as check_dims returns them) are named only when there are some, so an evaluation without them keeps
-    the identity it always had, and one with them is a different baseline (it records more rows)."""
+    as check_dims returns them) and a dtype other than fp32 are named only when there are some, so an
+    evaluation without them keeps the identity it always had, and one with them is a different baseline."""
     description = {
         "model": {"name_or_path": model_name, "fingerprint": encoder.fingerprint, "pooling": encoder.model.pooling,
                   "normalize": encoder.model.normalize, "max_length": model_limit(encoder),
@@ -153,6 +158,8 @@ def describe(encoder, model_name: str, settings: EncodeSettings, benchmarks: Seq
         "eval": {"benchmarks": [{"name": b.name, "fingerprint": b.fingerprint} for b in benchmarks],
                  "k": sorted(ks), "index": index, "device": encoder.device.split(":")[0]},
     }
+    if encoder.dtype != "fp32":  # likewise: fp32, the default, keeps the identity baselines always had
+        description["eval"]["dtype"] = encoder.dtype
     if dims:
         description["eval"]["dims"] = sorted(dims)
     return description

@@ -27,14 +27,16 @@ def slice_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
 
 
 def encode_sharded(model_path: str, texts: list[str], prefix: str, max_len: int, *, nproc: int,
-                   batch_size: int = 64, pooling: str | None = None, normalize: bool | None = None) -> np.ndarray:
+                   batch_size: int = 64, pooling: str | None = None, normalize: bool | None = None,
+                   dtype: str = "fp32") -> np.ndarray:
     from koe5.launch import free_port
 
     with tempfile.TemporaryDirectory(prefix="koe5-encode-") as tmp:
         job = Path(tmp)
         (job / "job.json").write_text(json.dumps({
             "model": model_path, "texts": texts, "prefix": prefix, "max_len": max_len,
-            "batch_size": batch_size, "pooling": pooling, "normalize": normalize}, ensure_ascii=False),
+            "batch_size": batch_size, "pooling": pooling, "normalize": normalize, "dtype": dtype},
+            ensure_ascii=False),
             encoding="utf-8")
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
                    "--master_port", str(free_port()), "--module", "koe5.eval.shard", "--job", str(job)]
@@ -66,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the ranks share the cores
     start, stop = slice_bounds(len(spec["texts"]), world, rank)
-    encoder = load_encoder(spec["model"], pooling=spec["pooling"], normalize=spec["normalize"], device=device)
+    encoder = load_encoder(spec["model"], pooling=spec["pooling"], normalize=spec["normalize"], device=device,
+                           dtype=spec["dtype"])
     emb = encoder.encode(spec["texts"][start:stop], spec["prefix"], spec["max_len"], spec["batch_size"],
                          progress=f"encode (rank {rank})" if rank == 0 else False)
     tmp = job / f".part-{rank}.npy"

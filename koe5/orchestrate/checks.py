@@ -29,6 +29,7 @@ def check_model(spec) -> None:
 
     path = _loadable(spec.model.name_or_path, "model.name_or_path")
     _check_matryoshka_width(spec, path)
+    _check_attention(spec, path)
     if spec.loss.guide_model is not None:
         # loss.guide_model: it loads too, and reads the model's token ids (koe5/train/guide.py)
         guide_path = _loadable(spec.loss.guide_model, "loss.guide_model")
@@ -49,6 +50,19 @@ def _check_matryoshka_width(spec, path: str) -> None:
         if too_wide:
             raise ModelError(f"{key}: {too_wide} wider than the embeddings of "
                              f"{spec.model.name_or_path} ({width} dimensions, its config's hidden_size)")
+
+
+def _check_attention(spec, path: str) -> None:
+    """model.attention: varlen packs tokens the way BERT and XLM-R number positions (koe5/attention.py);
+    another architecture is refused here, from its config, before anything is recorded."""
+    from transformers import AutoConfig
+
+    from koe5.attention import SUPPORTED
+
+    model_type = getattr(AutoConfig.from_pretrained(path), "model_type", "?")
+    if spec.model.attention == "varlen" and model_type not in SUPPORTED:
+        raise ModelError(f"model.attention: varlen supports {', '.join(SUPPORTED)} encoders; "
+                         f"{spec.model.name_or_path} is {model_type!r}: use model.attention: padded")
 
 
 def _loadable(name: str, key: str) -> str:

@@ -33,7 +33,8 @@ def _load(spec, model_path: str):
     from koe5.eval.benchmark import load_benchmark
 
     device = "cuda" if torch.cuda.is_available() and spec.train.device != "cpu" else "cpu"
-    encoder = load_encoder(model_path, pooling=spec.model.pooling, normalize=spec.model.normalize, device=device)
+    encoder = load_encoder(model_path, pooling=spec.model.pooling, normalize=spec.model.normalize, device=device,
+                           dtype=spec.eval.dtype)
     return encoder, [load_benchmark(b.path, name=b.name) for b in spec.eval.benchmarks]
 
 

@@ -38,6 +38,14 @@ class ModelSpec:
     query_max_len: int = doc("Maximum query length in tokens, prefix included.", 32)
     passage_max_len: int = doc("Maximum passage length in tokens, prefix included.", 256)
     dropout: Optional[float] = doc("Dropout probability for hidden and attention layers; null keeps the model's own.", None)
+    attention: Literal["padded", "varlen"] = doc(
+        "How training runs attention (BERT / XLM-R encoders). padded: the padded batch as it is (the reference). "
+        "varlen: the rows' real tokens packed into one sequence with segment offsets, attention within each row "
+        "(torch's varlen_attn, FlashAttention, on a GPU: needs train.precision bf16 or fp16; on the CPU a "
+        "block-diagonal-mask reference, for tests), then mean/CLS pooling per row: the same embeddings without "
+        "the pad tokens' work. The kernel has no attention dropout, so varlen trains with attention dropout 0 "
+        "(hidden dropout stays; the trainer says so when the model had any). Evaluation always runs padded.",
+        "padded")
 
 
 @dataclass
@@ -278,6 +286,12 @@ class EvalSpec:
     benchmarks: list[BenchmarkSpec] = doc("Benchmarks evaluated after training.", [], resume_safe=True)
     k: list[int] = doc("Cut-offs for every metric.", [1, 3, 5, 10], resume_safe=True)
     batch_size: int = doc("Encoding batch size.", 64, resume_safe=True)
+    dtype: Literal["fp32", "bf16"] = doc(
+        "The weights' dtype while encoding for evaluation. fp32: float32 weights (on a GPU, matmuls under bf16 "
+        "autocast, as before). bf16: the weights cast to bfloat16 (half the memory, no per-op casts; pooling and "
+        "normalization stay float32), meant for the GPU (it works on the CPU, slowly). Part of the embedding "
+        "cache key and of a baseline's identity, so the two never share embeddings or runs.", "fp32",
+        resume_safe=True)
     query_max_len: Optional[int] = doc(
         "Query length in tokens (prefix included) at evaluation; null = the model's own maximum, as MTEB "
         "evaluates (model.query_max_len is the training truncation only).", None, resume_safe=True)

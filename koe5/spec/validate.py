@@ -569,7 +569,8 @@ def device_info() -> tuple[int, bool]:
 def check_devices(spec: schema.Spec, errors: Errors, warnings: list[str], origins: Origins) -> None:
     """Precision and process count against the hardware of this machine."""
     t, nproc = spec.train, spec.launch.nproc_per_node
-    needs_gpu_facts = t.device in ("cuda", "auto") and (t.precision != "fp32" or nproc > 1 or t.device == "cuda")
+    needs_gpu_facts = t.device in ("cuda", "auto") and (t.precision != "fp32" or nproc > 1 or t.device == "cuda"
+                                                         or spec.model.attention == "varlen")
     cuda_count, bf16_ok = device_info() if needs_gpu_facts else (0, False)
     device = "cuda" if t.device == "cuda" or (t.device == "auto" and cuda_count) else "cpu"
     lab = lambda p: label_for(p, origins)  # noqa: E731
@@ -585,11 +586,19 @@ def check_devices(spec: schema.Spec, errors: Errors, warnings: list[str], origin
         elif t.precision == "bf16":
             warnings.append(f"train.precision: bf16 on CPU{auto}: bf16 autocast runs on the CPU; "
                             "it works, but is usually slower than fp32 there and its numbers differ from a GPU run")
+        if spec.model.attention == "varlen":
+            warnings.append(f"model.attention: varlen on CPU{auto}: the varlen kernel is GPU-only, so attention "
+                            "runs a block-diagonal-mask reference over the packed tokens (correct, but slower "
+                            "than padded; meant for tests)")
         cpus = os.cpu_count() or 1
         if nproc > cpus:
             errors.append(("launch.nproc_per_node", f"{lab('launch.nproc_per_node')}{nproc} CPU processes (gloo) "
                                                     f"requested but this machine has {cpus} CPUs{auto}"))
         return
+    if spec.model.attention == "varlen" and t.precision == "fp32":
+        errors.append(("model.attention", f"{lab('model.attention')}varlen runs FlashAttention's varlen kernel, "
+                                          "which takes bf16 or fp16 only, and training runs on the GPU in fp32; "
+                                          "set train.precision: bf16 (or keep model.attention: padded)"))
     if t.precision == "bf16" and not bf16_ok:
         errors.append(("train.precision", f"{lab('train.precision')}bf16 is not supported by this GPU; use fp16 "
                                           "or fp32"))

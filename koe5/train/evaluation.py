@@ -142,7 +142,7 @@ class DuringTraining:
 
         backbone, tokenizer = load_backbone(model_path)
         model = EmbeddingModel(backbone, self.spec.model.pooling, self.spec.model.normalize)
-        self.encoder = Encoder(model, tokenizer, device=str(device), path=model_path)
+        self.encoder = Encoder(model, tokenizer, device=str(device), path=model_path, dtype=self.spec.eval.dtype)
         by_name = {b.name: b for b in self.spec.eval.benchmarks}
         self.benchmarks = [load_benchmark(by_name[n].path, name=n) for n in names]
         self.settings = resolve_lengths(encode_settings(self.spec), model_limit(self.encoder))

@@ -132,7 +132,10 @@ def build_model(spec: Spec, model_path: str) -> tuple[EmbeddingModel, torch.nn.M
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.train.freeze_embeddings:
         backbone.get_input_embeddings().weight.requires_grad_(False)
-    model = EmbeddingModel(backbone, spec.model.pooling, spec.model.normalize)
+    model = EmbeddingModel(backbone, spec.model.pooling, spec.model.normalize, spec.model.attention)
+    if model.replaced_attention_dropout and int(os.environ.get("RANK", "0")) == 0:
+        print(f"model.attention: varlen has no attention dropout: the model's attention dropout of "
+              f"{model.replaced_attention_dropout:g} is off in this training run (hidden dropout stays)")
     model.train()
     return model, backbone, tokenizer
 
