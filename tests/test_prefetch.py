@@ -89,7 +89,7 @@ seed: 5
 model: {{name_or_path: "builtin:tiny-ko-bert", dropout: 0.1, query_max_len: 16, passage_max_len: 32}}
 data: {{sources: [{{path: {SAMPLE}}}], hard_negatives: 1}}
 loss: {{temperature: 0.05}}
-cache: {{chunk_tokens: 128}}
+cache: {{chunk_size: 8, chunk_tokens: 128}}
 train: {{batch_size: 16, max_steps: 4, lr: 1.0e-4, warmup_ratio: 0.25, device: cpu, log_every: 1, save_every: 2,
         keep_checkpoints: 1}}
 """, encoding="utf-8")

@@ -5,8 +5,10 @@
 # are built once and reused (--models). Every row appends to $OUT/levers.jsonl; a stage past its deadline
 # is skipped, so the call ends inside its limit with whatever finished.
 #
-#   bash benchmarks/device/levers.sh                 # on the lent GPU (after gpu_session.sh's package step)
+#   bash benchmarks/device/levers.sh                 # on the lent GPU (unpacks .device/site.tar.xz if there)
 #   SMOKE=1 bash benchmarks/device/levers.sh         # tiny shape on the CPU, to test this script first
+#   ONLY="compile all" bash benchmarks/device/levers.sh   # a follow-up call: only these rows (the ST rows are
+#                                                         # "sentence-transformers", encoding is "encode")
 #
 # A lever is a name and the bench_train.py flags that switch it (spec keys through --set). Other levers add
 # their line to LEVERS; "all" must then carry their flags too.
@@ -17,7 +19,8 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/levers.log") 2>&1
 elapsed() { echo $(( $(date +%s) - T0 )); }
 log() { echo "[$(elapsed) s] $*"; }
-END=${END:-450}   # no row starts after this many seconds, and a running one is stopped there
+END=${END:-470}   # no row starts after this many seconds, and a running one is stopped there
+ONLY=${ONLY:-}
 SMOKE=${SMOKE:-0}
 
 LEVERS=(
@@ -38,11 +41,18 @@ else
   shapes=("e5-large|512|128" "e5-small|2048|512")
   encode=(--shape e5-large --encode 8192)
 fi
+# On the lent machine: koe5's dependencies the GPU image lacks, carried as in gpu_session.sh (once per machine).
+if [ -f .device/site.tar.xz ] && [ "$SMOKE" != 1 ]; then
+  [ -d /tmp/koe5-site ] || python3 -c 'import tarfile
+tarfile.open(".device/site.tar.xz").extractall("/tmp/koe5-site", filter="fully_trusted")' || exit 10
+  export PYTHONPATH=$PWD:/tmp/koe5-site
+fi
 [ -n "${PYTHONPATH:-}" ] || export PYTHONPATH=$PWD
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
-row() {  # row NAME FLAGS...: one bench_train.py call, stopped at the deadline
-  local name=$1; shift
+row() {  # row NAME LEVER FLAGS...: one bench_train.py call, stopped at the deadline
+  local name=$1 lever=$2; shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $lever "* ]]; then return; fi
   local budget=$(( END - $(elapsed) ))
   if [ "$budget" -lt 15 ]; then log "deadline: skipping $name"; return; fi
   log "$name: $*"
@@ -57,12 +67,12 @@ for s in "${shapes[@]}"; do
   IFS='|' read -r shape batch chunk <<< "$s"
   sizes=(--shape "$shape" --batch "$batch" --chunk "$chunk")
   if [ "$SMOKE" = 1 ]; then st=(st-cached-mnrl); else st=(st-cached-mnrl st-replay-autocast); fi
-  row "$shape-sentence-transformers" "${sizes[@]}" --variants "${st[@]}"
+  row "$shape-sentence-transformers" sentence-transformers "${sizes[@]}" --variants "${st[@]}"
   for lever in "${LEVERS[@]}"; do
     IFS='|' read -r name flags <<< "$lever"
     # shellcheck disable=SC2086  # the flags are a list
-    row "$shape-$name" "${sizes[@]}" --variants koe5 $flags
+    row "$shape-$name" "$name" "${sizes[@]}" --variants koe5 $flags
   done
 done
-row encode "${encode[@]}" --variants koe5 --batch 16 --chunk 8 --steps 1
+row encode encode "${encode[@]}" --variants koe5 --batch 16 --chunk 8 --steps 1
 log "done"
