@@ -5,6 +5,8 @@
     python benchmarks/bench_train.py --device cuda --all --out $OUT/train.jsonl   # the GPU sweep (issue 9)
     python benchmarks/bench_train.py --device cuda --shape e5-large --batch 512 --chunk 128 --variants koe5 \
         --set cache.chunk_tokens=32768                                            # one spec-level lever
+    ... --prefetch 2           # issue 17 lever 4: koe5's inputs padded on the host per step, 2 steps ahead
+    ... --no-host-lengths      # issue 17 lever 3 off: batches without host lengths (GradCache reads the mask)
 
 Both sides train the same random-weight encoder (multilingual-e5 shapes) on the same synthetic batches:
 queries up to 32 tokens, passages up to 256 (real lengths uniform in [L/2, L]), one hard negative, AdamW.
@@ -62,13 +64,15 @@ def build_model_dir(shape: str, out: Path) -> Path:
 
 
 def synthetic_batch(rows: int, max_len: int, vocab: int, gen: torch.Generator, device) -> dict:
-    from koe5.inputs import padded_length
+    """Model inputs with each row's length on the host (koe5.inputs.ModelInputs), as the trainer's collate
+    gives them (issue 17, lever 3)."""
+    from koe5.inputs import ModelInputs, padded_length
 
     lengths = torch.randint(max_len // 2, max_len + 1, (rows,), generator=gen)
     width = padded_length(int(lengths.max()))
     mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
     ids = torch.randint(5, vocab, (rows, width), generator=gen) * mask
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    return ModelInputs({"input_ids": ids, "attention_mask": mask}, lengths.tolist()).to(device)
 
 
 def step_flops(batches: list[dict], shape: str) -> float:
@@ -179,27 +183,57 @@ def st_runner(model_dir: Path, chunk: int, device: torch.device, replay_in_autoc
     return step, model
 
 
-def time_steps(step, batches, device) -> tuple[float, float]:
-    """(seconds per step after the first, loss of the last step)."""
-    step(*batches[0])  # warm-up: allocations, kernels, DeepSpeed's first-step work
+def time_steps(step, batches, device, prefetch=None) -> tuple[float, float]:
+    """(seconds per step after the first, loss of the last step). `prefetch` (issue 17, lever 4): None times
+    the steps on batches already on the device; N >= 0 also times their input path, as the trainer runs it:
+    each batch padded on the host from its rows' token ids (koe5.inputs.pad_token_ids, the collate's padding),
+    N steps ahead in koe5/data/prefetch.py's thread, page-locked and copied without blocking on CUDA if N > 0."""
+    from koe5.data.prefetch import Prefetcher
+    from koe5.inputs import pad_token_ids
+
+    pinned = bool(prefetch) and device.type == "cuda"
+    rows = [[[x["input_ids"][i, :n].tolist() for i, n in enumerate(x["attention_mask"].sum(1).tolist())]
+             for x in pair] for pair in batches]
+
+    def host_batch(i: int):  # the trainer's host work for one step, then its copy to the device
+        q, d = (pad_token_ids(r, 0, m) for r, m in zip(rows[i], (Q_LEN, P_LEN)))
+        return (q.pin_memory(), d.pin_memory()) if pinned else (q, d)
+
+    def on_device(pair):
+        return tuple(x.to(device, non_blocking=pinned) for x in pair)
+
+    step(*on_device(batches[0]))  # warm-up: allocations, kernels, DeepSpeed's first-step work
     sync(device)
     start = time.perf_counter()
-    for queries, docs in batches[1:]:
-        loss = step(queries, docs)
+    if prefetch is None:
+        for queries, docs in batches[1:]:
+            loss = step(queries, docs)
+    else:
+        with Prefetcher(host_batch, range(1, len(batches)), prefetch) as prepared:
+            for pair in prepared:
+                loss = step(*on_device(pair))
     sync(device)
     return (time.perf_counter() - start) / (len(batches) - 1), loss
 
 
 def measure(variant: str, shape: str, batch: int, chunk: int, steps: int, device: torch.device, peak: float,
-            model_dir: Path, precision: str, overrides: list[str]) -> dict:
+            model_dir: Path, precision: str, overrides: list[str], prefetch: int | None = None,
+            host_lengths: bool = True) -> dict:
     vocab = SHAPES[shape][4]
-    batches = make_batches(steps + 1, batch, vocab, device)
+    prefetch = prefetch if variant == "koe5" else None  # the anchor's inputs stay premade on the device
+    batches = make_batches(steps + 1, batch, vocab, device if prefetch is None else torch.device("cpu"))
     reset_memory(device)
     if variant == "koe5":
         step, owner = koe5_runner(model_dir, batch, chunk, device, precision, overrides)
+        if not host_lengths:  # plain dicts: GradCache reads each batch's lengths from the device mask
+            with_lengths = step
+
+            def step(queries, docs):
+                return with_lengths(dict(queries), dict(docs))
     else:
         step, owner = st_runner(model_dir, chunk, device, replay_in_autocast=variant == "st-replay-autocast")
-    seconds, loss = time_steps(step, batches, device)
+    seconds, loss = time_steps(step, batches, device, prefetch)
+    counter = getattr(owner.module.backbone, "koe5_compiles", None) if variant == "koe5" else None
     flops = step_flops(list(batches[1]), shape)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[1])
     row = {"measure": "train_step", "variant": variant, "shape": shape, "batch": batch, "chunk": chunk,
@@ -209,7 +243,10 @@ def measure(variant: str, shape: str, batch: int, chunk: int, steps: int, device
            "mfu": round(flops / seconds / peak, 4), "peak_mem_gib": round(peak_memory_gib(device), 3),
            "final_loss": round(float(loss), 4), "overrides": overrides if variant == "koe5" else [],
            # what the trained module really ran (model.attention), not only what was asked for
-           "attention": owner.module.attention if variant == "koe5" else "padded"}
+           "attention": owner.module.attention if variant == "koe5" else "padded",
+           "prefetch": prefetch, "host_lengths": host_lengths if variant == "koe5" else None,
+           # train.compile: graphs compiled, warm-up included (a count above the warm-up's means recompiles)
+           "compiles": None if counter is None else counter.graphs}
     del owner
     return row
 
@@ -274,6 +311,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="a spec override for koe5's side, e.g. cache.chunk_tokens=32768 (repeatable)")
     ap.add_argument("--attention", choices=["padded", "varlen"], default=None,
                     help="koe5's model.attention (issue 17, lever 5): the same as --set model.attention=...")
+    ap.add_argument("--prefetch", type=int, default=None, metavar="N",
+                    help="issue 17 lever 4: time koe5's input path too, each batch padded on the host and built "
+                         "N steps ahead by a thread (0 = serially); default: batches premade on the device")
+    ap.add_argument("--no-host-lengths", dest="host_lengths", action="store_false",
+                    help="issue 17 lever 3 off: batches without host lengths, so GradCache reads each batch's "
+                         "lengths from the device (once per pass)")
+    ap.add_argument("--models", metavar="DIR",
+                    help="keep the random-weight models here and reuse them on later calls (a lever matrix runs "
+                         "this script once per lever; benchmarks/device/levers.sh)")
     ap.add_argument("--out", help="append the JSON lines to this file")
     args = ap.parse_args(argv)
     if args.attention:
@@ -310,16 +356,20 @@ def main(argv: list[str] | None = None) -> int:
              "torch": torch.__version__}]
     with tempfile.TemporaryDirectory(prefix="koe5-bench-") as tmp:
         dirs: dict[str, Path] = {}
+        if args.models:  # built by an earlier call (same seed, same weights)
+            Path(args.models).mkdir(parents=True, exist_ok=True)
+            dirs = {p.name: p for p in Path(args.models).iterdir() if (p / "config.json").exists()}
+        models = Path(args.models) if args.models else Path(tmp)
         for shape, batch, chunk, names in plan:
             if shape not in dirs:
-                dirs[shape] = build_model_dir(shape, Path(tmp) / shape)
+                dirs[shape] = build_model_dir(shape, models / shape)
             for variant in names:
                 rows.append(measure(variant, shape, batch, chunk, args.steps, device, peak, dirs[shape], precision,
-                                    args.overrides))
+                                    args.overrides, args.prefetch, args.host_lengths))
                 print(json.dumps(rows[-1]), flush=True)
         for shape, n in encode:
             if shape not in dirs:
-                dirs[shape] = build_model_dir(shape, Path(tmp) / shape)
+                dirs[shape] = build_model_dir(shape, models / shape)
             rows.append(measure_encoding(shape, dirs[shape], device, peak, n))
             print(json.dumps(rows[-1]), flush=True)
     if args.out:

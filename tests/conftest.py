@@ -10,3 +10,6 @@ def pytest_configure(config):
     os.environ["KOE5_REGISTRY"] = os.path.join(root, "registry", "koe5.duckdb")
     os.environ["KOE5_CACHE"] = os.path.join(root, "cache")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # train.compile compiles with aot_eager in tests: inductor's C++ code generation takes minutes per graph
+    # on a small CPU (koe5/train/compile.py; tests/test_compile.py says what aot_eager still covers).
+    os.environ.setdefault("KOE5_COMPILE_BACKEND", "aot_eager")

@@ -63,3 +63,22 @@ def test_bench_train_attention_flag_runs_koe5s_step_unpadded(tmp_path):
     (row,) = [json.loads(line) for line in out.read_text().splitlines() if '"train_step"' in line]
     assert row["overrides"] == ["model.attention=varlen"] and row["attention"] == "varlen"
     assert row["triples_per_s"] > 0 and row["final_loss"] == row["final_loss"]
+
+
+def test_bench_train_issue_17_lever_flags_reach_koe5s_step(tmp_path):
+    """--prefetch (the input path through koe5/data/prefetch.py), --no-host-lengths and train.compile (here
+    with the aot_eager backend, see tests/test_compile.py) run and are recorded on the row, as
+    benchmarks/device/levers.sh switches them."""
+    import os
+
+    out = tmp_path / "train.jsonl"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--steps", "2", "--batch", "8",
+                           "--chunk", "4", "--variants", "koe5", "--prefetch", "1", "--no-host-lengths",
+                           "--set", "train.compile=true", "--models", str(tmp_path / "models"), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "KOE5_COMPILE_BACKEND": "aot_eager"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines() if '"train_step"' in line]
+    assert row["prefetch"] == 1 and row["host_lengths"] is False and row["compiles"] > 0
+    assert row["triples_per_s"] > 0 and row["final_loss"] == row["final_loss"]
+    assert (tmp_path / "models" / "tiny" / "config.json").exists()  # kept for the next call of a lever matrix

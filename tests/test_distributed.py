@@ -131,6 +131,8 @@ def test_zero_stages_match_stage_0_with_gradcache(stage):
     ("launch.backend=torchrun",),  # torchrun starts the same ranks as DeepSpeed's launcher
     # unpadded attention (koe5/attention.py) under ZeRO-3 with uneven token-budget chunks
     ("model.attention=varlen", "deepspeed.zero_stage=3", "cache.chunk_tokens=96"),
+    # issue 17's levers all on (prefetch thread, compiled backbone, token chunks whose counts differ per rank)
+    ("data.prefetch=2", "train.compile=true", "deepspeed.zero_stage=2", "cache.chunk_tokens=96"),
 ])
 def test_training_variants_match_their_reference(variant):
     two_ranks = ("launch.nproc_per_node=2", "cache.chunk_size=3")

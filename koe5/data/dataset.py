@@ -171,18 +171,25 @@ class TrainingData:
 
     def collate(self, batch: Batch, device: torch.device):
         """Padded token ids of the batch's queries and documents, in the layout the loss expects (positives
-        first, then each query's negatives in order), the documents' text keys and the real token count."""
+        first, then each query's negatives in order), the documents' text keys and the real token count,
+        on `device` (`collate_host`, then `to_device`)."""
+        return to_device(self.collate_host(batch), device)
+
+    def collate_host(self, batch: Batch, pin: bool = False):
+        """`collate` on the host; `pin`: in page-locked memory, so the copy to the GPU can be asynchronous
+        (koe5/data/prefetch.py builds batches this way in a background thread)."""
         refs = list(zip(batch.source.tolist(), batch.positive.tolist()))
         refs += [(k, j) for k, row in zip(batch.source.tolist(), batch.negatives.tolist()) for j in row]
         query_ids = [self.sources[k].query(r) for k, r in zip(batch.source.tolist(), batch.row.tolist())]
         doc_ids = [self.sources[k].doc(j) for k, j in refs]
-        keys = torch.tensor([int(self.sources[k].docs_key[j]) for k, j in refs], dtype=torch.int64, device=device)
+        keys = torch.tensor([int(self.sources[k].docs_key[j]) for k, j in refs], dtype=torch.int64)
         n_tokens = sum(len(x) for x in query_ids) + sum(len(x) for x in doc_ids)
         m = self.spec.model
         queries = pad_token_ids(query_ids, self.pad_id, m.query_max_len)
         documents = pad_token_ids(doc_ids, self.pad_id, m.passage_max_len)
-        return ({k: v.to(device) for k, v in queries.items()}, {k: v.to(device) for k, v in documents.items()},
-                keys, n_tokens)
+        if pin:
+            queries, documents, keys = queries.pin_memory(), documents.pin_memory(), keys.pin_memory()
+        return queries, documents, keys, n_tokens
 
     def tokens_per_example(self, batch: Batch) -> np.ndarray:
         """Real tokens each example trains on: its query, positive and hard negatives (after truncation)."""
@@ -196,6 +203,14 @@ class TrainingData:
 
     def source_weights(self) -> dict[str, float]:
         return {source_name(s): s.weight for s in self.spec.data.sources}
+
+
+def to_device(collated: tuple, device: torch.device, non_blocking: bool = False) -> tuple:
+    """A `collate_host` result on `device`. The queries' and documents' host lengths travel along
+    (koe5.inputs.ModelInputs), so GradCache never reads a length back from the device."""
+    queries, documents, keys, n_tokens = collated
+    return (queries.to(device, non_blocking=non_blocking), documents.to(device, non_blocking=non_blocking),
+            keys.to(device, non_blocking=non_blocking), n_tokens)
 
 
 def _mix64(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:

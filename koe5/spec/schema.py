@@ -150,6 +150,11 @@ class DataSpec:
     on_error: Literal["error", "skip"] = doc(
         "A bad training line (malformed JSON, missing/empty field, wrong type, not UTF-8): `error` stops the run "
         "naming file:line and the field; `skip` leaves it out and records the count per file with the run.", "error")
+    prefetch: int = doc(
+        "Batches built ahead by a background thread (the global batch, this rank's slice, padding) while the "
+        "current step trains; on CUDA they are built in page-locked memory and copied without blocking. The "
+        "same batches in the same order as 0, which builds each one when the step needs it (koe5/data/prefetch.py).",
+        0, resume_safe=True)
 
 
 @dataclass
@@ -228,6 +233,10 @@ class TrainSpec:
     gradient_checkpointing: bool = doc(
         "Recompute each layer's activations in backward. Redundant with GradCache (whose memory is already "
         "one chunk's activations); useful only to fit larger chunks, at ~30% more compute.", False)
+    compile: bool = doc(
+        "Compile the backbone with torch.compile (inductor) once, before training; chunk shapes go dynamic after "
+        "the first change, and the training log counts the compiles (`compiles`). Not with ZeRO-3, whose "
+        "parameter hooks break the graph (koe5/train/compile.py).", False)
     freeze_embeddings: bool = doc(
         "Keep the word-embedding matrix fixed (positions, layers and norms still train). For multilingual-e5 it "
         "holds most parameters (96M of mE5-small's 118M), nearly all rows of which a Korean batch never "

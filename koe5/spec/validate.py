@@ -242,6 +242,7 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: 
                          f"{', '.join(FILE_FORMATS)}, a directory of them, a save_to_disk directory or hub:owner/name "
                          "(or set the source's file_type: to read it as one of them)")
     need("data.hard_negatives", d.hard_negatives, lambda v: v >= 0, "expected 0 or more")
+    need("data.prefetch", d.prefetch, lambda v: v >= 0, "expected 0 (build each batch when its step starts) or more")
     need("data.mixing_temperature", d.mixing_temperature, finite_positive, "expected a temperature > 0")
 
     need("loss.temperature", spec.loss.temperature, finite_positive, "expected a temperature > 0")
@@ -282,6 +283,9 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: 
     if nproc_ok and batch_ok and t.batch_size % nproc:
         bad("train.batch_size", f"the global batch {t.batch_size} must split evenly over the "
                                 f"{nproc} processes (launch.nnodes x launch.nproc_per_node)")
+    if t.compile is True and spec.deepspeed.zero_stage == 3:
+        bad("train.compile", "train.compile cannot be used with deepspeed.zero_stage 3: ZeRO-3 gathers each "
+                             "parameter in hooks that break the compiled graph; use zero_stage 0-2 or compile: false")
     need("cache.chunk_size", spec.cache.chunk_size, positive, "expected a positive chunk size")
     need("cache.chunk_tokens", spec.cache.chunk_tokens, positive, "expected a positive token budget (or null)")
     if spec.cache.enabled and nproc_ok and batch_ok and isinstance(spec.cache.chunk_size, int):

@@ -9,6 +9,11 @@ Every replay is one `backward` on the engine; DeepSpeed runs in unmanaged accumu
 optimizer `step()` that follows is the single accumulation boundary (see koe5/spec/deepspeed.py).
 Under ZeRO-2/3 each forward and backward runs collectives, so every rank must run the same number of
 chunks: ranks with fewer chunks run empty ones (a one-row forward whose gradient is multiplied by 0).
+
+No host sync per chunk: each row's length comes from the host (`koe5.inputs.ModelInputs.lengths`, recorded
+at collate time), so chunk widths are computed on the host, and every chunk's row indices go to the device in
+one copy per pass. What remains per step: the chunk count agreed across ranks (`pad_chunk_count`, several
+ranks only), and one read of the attention mask per batch when a caller passes a plain dict without lengths.
 """
 
 from __future__ import annotations
@@ -46,9 +51,16 @@ def token_chunks(lengths: list[int], budget: int) -> list[Chunk]:
     return chunks
 
 
+def host_lengths(batch: Batch) -> list[int]:
+    """Each row's real token count, on the host: the lengths the collate recorded (ModelInputs), else
+    read from the attention mask (one device sync for the whole batch)."""
+    lengths = getattr(batch, "lengths", None)
+    return list(lengths) if lengths is not None else batch["attention_mask"].sum(1).tolist()
+
+
 def make_chunks(batch: Batch, chunk_size: int, chunk_tokens: Optional[int]) -> list[Chunk]:
     if chunk_tokens:
-        return token_chunks(batch["attention_mask"].sum(1).tolist(), chunk_tokens)
+        return token_chunks(host_lengths(batch), chunk_tokens)
     return row_chunks(len(batch["input_ids"]), chunk_size)
 
 
@@ -61,14 +73,25 @@ def pad_chunk_count(chunks: list[Chunk], device: torch.device) -> list[Chunk]:
     return chunks + [None] * (int(count.item()) - len(chunks))
 
 
-def take_chunk(batch: Batch, rows: Chunk) -> Batch:
-    """The chunk's rows, trimmed to its longest row rounded up to a multiple of 8. An empty chunk is the
-    batch's first row (any real input keeps the collectives of the forward and backward in step)."""
-    if rows is None:
-        rows = torch.tensor([0])
-    mask = batch["attention_mask"][rows]
-    width = padded_length(int(mask.sum(1).max().item()), mask.shape[1])
-    return {k: v[rows, :width] for k, v in batch.items()}
+def chunk_inputs(batch: Batch, chunks: list[Chunk]) -> list[tuple[Batch, Optional[torch.Tensor]]]:
+    """For each chunk: its model inputs (its rows, trimmed to its longest row rounded up to a multiple of
+    8) and its row indices on the batch's device (None for an empty chunk, which runs the batch's first row:
+    any real input keeps the collectives of the forward and backward in step). Widths come from the host
+    lengths and all indices travel in one copy, so no chunk waits for the device."""
+    lengths = host_lengths(batch)
+    device, full_width = batch["input_ids"].device, batch["attention_mask"].shape[1]
+    host = torch.cat([torch.tensor([0]) if rows is None else rows for rows in chunks])
+    sizes = [1 if rows is None else len(rows) for rows in chunks]
+    if device.type == "cuda":  # page-locked, so the copy is queued on the stream instead of waiting for it
+        host = host.pin_memory()
+    on_device = host.to(device, non_blocking=True).split(sizes)
+    flat = host.tolist()  # one conversion for all chunks (a host tensor: no device sync)
+    out, start = [], 0
+    for rows, index, size in zip(chunks, on_device, sizes):
+        width = padded_length(max(lengths[i] for i in flat[start:start + size]), full_width)
+        start += size
+        out.append(({k: v[index, :width] for k, v in batch.items()}, None if rows is None else index))
+    return out
 
 
 class RngState:
@@ -90,9 +113,9 @@ def embed_without_grad(model: Callable[..., torch.Tensor], batch: Batch, chunks:
     """Embeddings of every row (in batch order) and the RNG state before each chunk."""
     states, out = [], None
     with torch.no_grad():
-        for rows in chunks:
+        for inputs, rows in chunk_inputs(batch, chunks):
             states.append(RngState(device))
-            emb = model(**take_chunk(batch, rows))
+            emb = model(**inputs)
             if rows is None:
                 continue
             if out is None:
@@ -104,8 +127,8 @@ def embed_without_grad(model: Callable[..., torch.Tensor], batch: Batch, chunks:
 def replay(model: Callable[..., torch.Tensor], batch: Batch, chunks: list[Chunk], states: list[RngState],
            grad: torch.Tensor, backward: Callable[[torch.Tensor], None]) -> None:
     """Re-run each chunk with grad and backprop its cached embedding gradient."""
-    for rows, state in zip(chunks, states):
+    for (inputs, rows), state in zip(chunk_inputs(batch, chunks), states):
         state.restore()
-        emb = model(**take_chunk(batch, rows))
+        emb = model(**inputs)
         chunk_grad = torch.zeros_like(emb) if rows is None else grad[rows.to(grad.device)].to(emb.dtype)
         backward((emb * chunk_grad).sum())

@@ -30,12 +30,14 @@ import torch
 
 from koe5 import track
 from koe5.data.batches import rank_slice
-from koe5.data.dataset import load_training_data
+from koe5.data.dataset import load_training_data, to_device
+from koe5.data.prefetch import Prefetcher
 from koe5.export import export_model, model_card
 from koe5.model import EmbeddingModel, load_backbone, model_max_length, resolve_model_path
 from koe5.spec.deepspeed import deepspeed_config, trainer_clips
 from koe5.spec.schema import Spec
 from koe5.train import checkpoint
+from koe5.train.compile import compile_backbone
 from koe5.train.guide import load_guide
 from koe5.train.loss import GUIDE_MASKS, GuideConfig, MatryoshkaConfig
 from koe5.train.evaluation import DuringTraining, is_eval_step
@@ -132,6 +134,8 @@ def build_model(spec: Spec, model_path: str) -> tuple[EmbeddingModel, torch.nn.M
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.train.freeze_embeddings:
         backbone.get_input_embeddings().weight.requires_grad_(False)
+    if spec.train.compile:  # in place: parameter names, checkpoints and the export are unchanged
+        backbone.koe5_compiles = compile_backbone(backbone)
     model = EmbeddingModel(backbone, spec.model.pooling, spec.model.normalize, spec.model.attention)
     if model.replaced_attention_dropout and int(os.environ.get("RANK", "0")) == 0:
         print(f"model.attention: varlen has no attention dropout: the model's attention dropout of "
@@ -225,52 +229,62 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
                dynamic_ncols=True)
     result = None
     steps_done = first_step
-    for step in range(first_step, total_steps):
-        epoch = step // data.steps_per_epoch
+    # data.prefetch: a thread builds the next batches on the host while this step trains (the same batches, in
+    # order); on CUDA in page-locked memory, so the copy below does not block. 0 builds each one here.
+    pinned = spec.data.prefetch > 0 and device.type == "cuda"
+
+    def host_batch(step: int):
         batch = data.global_batch(step)
-        tokens = data.tokens_per_example(batch)
-        for k in np.unique(batch.source):
-            drawn[data.names[k]] += int((batch.source == k).sum())
-            drawn_tokens[data.names[k]] += int(tokens[batch.source == k].sum())
         rows = rank_slice(batch, rank, world)
-        queries, documents, doc_ids, n_tokens = data.collate(rows, device)
+        return batch, data.tokens_per_example(batch), rows, data.collate_host(rows, pin=pinned)
 
-        result = train_step(engine, queries, documents, doc_ids, cfg, device, guide_model=guide)
+    steps = range(first_step, total_steps)
+    with Prefetcher(host_batch, steps, spec.data.prefetch) as prepared:
+        for step, (batch, tokens, rows, collated) in zip(steps, prepared):
+            epoch = step // data.steps_per_epoch
+            for k in np.unique(batch.source):
+                drawn[data.names[k]] += int((batch.source == k).sum())
+                drawn_tokens[data.names[k]] += int(tokens[batch.source == k].sum())
+            queries, documents, doc_ids, n_tokens = to_device(collated, device, non_blocking=pinned)
 
-        window_triples += len(rows) * world
-        window_tokens += n_tokens * world
-        bar.update(1)
-        bar.set_postfix(loss=f"{result.loss:.4f}")
-        # The first step too, so a curve starts where training does (its speed includes the warm-up).
-        if rank == 0 and ((step + 1) % spec.train.log_every == 0 or step == 0 or step + 1 == total_steps):
-            now = time.perf_counter()
-            norm = grad_norm[0] if grad_norm is not None else engine.get_global_grad_norm()
-            row = {
-                "step": step + 1, "epoch": epoch, "loss": result.loss, "lr": engine.get_lr()[0],
-                "grad_norm": None if norm is None else float(norm),
-                "triples_per_s": window_triples / (now - window_start),
-                "tokens_per_s": window_tokens / (now - window_start),
-                "margin": result.margin, "false_neg_frac": result.false_neg_frac,
-                **({} if guide is None else {"guide_masked": result.guide_masked,
-                                             "guide_masked_frac": result.guide_masked_frac}),
-                "elapsed_s": now - start,
-            }
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            reporter.log(row)
-            bar.set_postfix(loss=f"{result.loss:.4f}", triples_s=f"{row['triples_per_s']:.1f}")
-            window_start, window_triples, window_tokens = now, 0, 0
-        steps_done = step + 1
-        if is_eval_step(spec.eval.every, step + 1, total_steps) and during.evaluate(engine, step + 1):
-            bar.write(f"stopping early after step {step + 1}: {during.best.metric} on {during.best.benchmark} "
-                      f"has not improved for {during.best.patience} evaluations (best: step {during.best.step})")
-            break
-        save_every = spec.train.save_every
-        if save_every and (step + 1) % save_every == 0 and step + 1 < total_steps:
-            checkpoint.save(engine, run_dir, step + 1, rank=rank, world=world, spec_hash=spec_hash,
-                            drawn={"examples": dict(drawn), "tokens": dict(drawn_tokens)},
-                            keep=spec.train.keep_checkpoints)
-            during.note_checkpoint()
+            result = train_step(engine, queries, documents, doc_ids, cfg, device, guide_model=guide)
+
+            window_triples += len(rows) * world
+            window_tokens += n_tokens * world
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.4f}")
+            # The first step too, so a curve starts where training does (its speed includes the warm-up).
+            if rank == 0 and ((step + 1) % spec.train.log_every == 0 or step == 0 or step + 1 == total_steps):
+                now = time.perf_counter()
+                norm = grad_norm[0] if grad_norm is not None else engine.get_global_grad_norm()
+                row = {
+                    "step": step + 1, "epoch": epoch, "loss": result.loss, "lr": engine.get_lr()[0],
+                    "grad_norm": None if norm is None else float(norm),
+                    "triples_per_s": window_triples / (now - window_start),
+                    "tokens_per_s": window_tokens / (now - window_start),
+                    "margin": result.margin, "false_neg_frac": result.false_neg_frac,
+                    **({} if guide is None else {"guide_masked": result.guide_masked,
+                                                 "guide_masked_frac": result.guide_masked_frac}),
+                    # train.compile: graphs compiled so far; growing after the first steps means recompiles
+                    **({"compiles": backbone.koe5_compiles.graphs} if spec.train.compile else {}),
+                    "elapsed_s": now - start,
+                }
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+                reporter.log(row)
+                bar.set_postfix(loss=f"{result.loss:.4f}", triples_s=f"{row['triples_per_s']:.1f}")
+                window_start, window_triples, window_tokens = now, 0, 0
+            steps_done = step + 1
+            if is_eval_step(spec.eval.every, step + 1, total_steps) and during.evaluate(engine, step + 1):
+                bar.write(f"stopping early after step {step + 1}: {during.best.metric} on {during.best.benchmark} "
+                          f"has not improved for {during.best.patience} evaluations (best: step {during.best.step})")
+                break
+            save_every = spec.train.save_every
+            if save_every and (step + 1) % save_every == 0 and step + 1 < total_steps:
+                checkpoint.save(engine, run_dir, step + 1, rank=rank, world=world, spec_hash=spec_hash,
+                                drawn={"examples": dict(drawn), "tokens": dict(drawn_tokens)},
+                                keep=spec.train.keep_checkpoints)
+                during.note_checkpoint()
     bar.close()
     reporter.close()
 
