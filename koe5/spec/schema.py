@@ -185,7 +185,8 @@ class LossSpec:
     distill_weight: Optional[float] = doc(
         "Score distillation from stored teacher scores (a source's fields.scores): adds distill_weight x the mean "
         "over scored queries of KL(teacher || student) over each query's own positive and hard negatives "
-        "(koe5/train/loss.py); the student's temperature is loss.temperature. > 0 turns it on; null or 0 = off.",
+        "(documents without a teacher score left out; at every Matryoshka width; koe5/train/loss.py); the "
+        "student's temperature is loss.temperature. Needs data.hard_negatives >= 1. > 0 turns it on; null or 0 = off.",
         None)
     distill_temperature: float = doc(
         "Score distillation: the teacher's softmax temperature; teacher probabilities = softmax(scores / it).", 1.0)
