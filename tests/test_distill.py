@@ -424,3 +424,12 @@ def test_a_scored_source_with_distillation_is_valid():
     spec = expand(QUICKSTART, [*SCORED, "loss.distill_weight=0.5", "loss.distill_temperature=0.1"])[0].spec
     assert spec.loss.distill_weight == 0.5 and spec.data.sources[0].fields.scores == "scores"
     expand(QUICKSTART, [*SCORED, "loss.distill_weight=0"])  # 0 = off, scores unused
+
+
+def test_the_model_card_declares_distillation():
+    from koe5.export import model_card
+
+    spec = expand(QUICKSTART, [*SCORED, "loss.distill_weight=0.5", "loss.distill_temperature=0.1"])[0].spec
+    card = model_card(spec=spec, spec_yaml="", data_mix={})
+    assert "| score distillation | KL to stored teacher scores, weight 0.5, teacher temperature 0.1 |" in card
+    assert "score distillation" not in model_card(spec=expand(QUICKSTART, [])[0].spec, spec_yaml="", data_mix={})
