@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -95,7 +96,8 @@ def test_distilled_loss_matches_full_batch_backprop(loss_name, chunking, variant
     if guide_model is not None:
         with torch.no_grad():
             g = (guide_model(**queries), guide_model(**docs), opts["guide"])
-    levels = [(None, 1.0)] if "matryoshka" not in opts else list(zip(*astuple(opts["matryoshka"])))
+    m = opts.get("matryoshka")
+    levels = [(None, 1.0)] if m is None else list(zip(m.dims, m.weights))
     loss, kl_widest = 0.0, None
     for dim, weight in levels:
         qk, dk = (q, d) if dim is None else (F.normalize(q[:, :dim], dim=-1), F.normalize(d[:, :dim], dim=-1))
@@ -119,10 +121,6 @@ def test_distilled_loss_matches_full_batch_backprop(loss_name, chunking, variant
     assert want.keys() == got.keys() and len(want) > 10
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
-
-
-def astuple(m: MatryoshkaConfig):
-    return m.dims, m.weights
 
 
 def test_a_batch_without_teacher_scores_trains_as_without_distillation():
@@ -258,7 +256,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def scored_rows(n: int, negatives_of: callable) -> list[dict]:
+def scored_rows(n: int, negatives_of: Callable[[int], int]) -> list[dict]:
     """Sample rows with their own negatives (how many: negatives_of(i)) and a distinct score per document."""
     base = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:2 * n]]
     out = []
