@@ -175,6 +175,9 @@ def model_card(*, spec, spec_yaml: str, data_mix: dict, steps: Optional[int] = N
         dims = ", ".join(str(d) for d in loss.matryoshka_dims)
         hyper.append(("Matryoshka widths", f"{dims}: load truncated with "
                                            f"`SentenceTransformer(path, truncate_dim={min(loss.matryoshka_dims)})`"))
+    if loss.distill_weight:
+        hyper.append(("score distillation", f"KL to stored teacher scores, weight {loss.distill_weight}, teacher "
+                                            f"temperature {loss.distill_temperature}"))
     hyper_rows = "\n".join(f"| {k} | {v} |" for k, v in hyper)
     return f"""---
 {chr(10).join(front)}

@@ -5,6 +5,7 @@ batch of any step computed from (seed, step) alone, so every rank agrees and a r
     data.steps_per_epoch               # full global batches per epoch (the last partial batch is dropped)
     batch = data.global_batch(step)    # Batch: which row, positive and hard negatives each example uses
     queries, documents, doc_ids, n_tokens = data.collate(batch[a:b], device)
+    batch.scores                       # the teacher's scores of each example's documents (NaN: none)
 
 Duplicate positives in one batch are not resampled: a batch may hold two examples whose positives have
 the same normalized text (koe5.data.triples.text_key). The trainer masks them instead (loss.mask_duplicates,
@@ -35,12 +36,15 @@ class Batch:
     row: np.ndarray        # (b,)
     positive: np.ndarray   # (b,)
     negatives: np.ndarray  # (b, data.hard_negatives)
+    # (b, 1 + data.hard_negatives) float32: the teacher's score of the positive, then of each negative, for this
+    # example's query (fields.scores); NaN where there is none (see `_examples`).
+    scores: np.ndarray
 
     def __len__(self) -> int:
         return len(self.row)
 
     def __getitem__(self, part: slice) -> "Batch":
-        return Batch(self.source[part], self.row[part], self.positive[part], self.negatives[part])
+        return Batch(self.source[part], self.row[part], self.positive[part], self.negatives[part], self.scores[part])
 
     def ids(self) -> list[tuple[int, int]]:
         """(source, row) of each example, for comparing batches."""
@@ -133,6 +137,7 @@ class TrainingData:
         row = ids - self.offsets[source]
         positive = np.empty(len(ids), dtype=np.int64)
         negatives = np.empty((len(ids), n), dtype=np.int64)
+        scores = np.full((len(ids), 1 + n), np.nan, dtype=np.float32)
         for k in np.unique(source):
             mine, t = source == k, self.sources[k]
             r = row[mine]
@@ -150,10 +155,16 @@ class TrainingData:
                 # the positives of other rows of its source, drawn per (seed, epoch, example): random in-domain
                 # negatives keep every row's layout the same, which cross-device gathering needs.
                 none = n_neg == 0
+                # The teacher scored each document for its own row's query: a negative keeps its score
+                # (whichever n of the row's negatives this epoch takes), a borrowed positive has none.
                 if none.any():
                     chosen[none] = self._random_positives(t, ids[mine][none], r[none], epoch, n)
+                neg_scores = t.docs_score[chosen]
+                neg_scores[none] = np.nan
                 negatives[mine] = chosen
-        return Batch(source, row, positive, negatives)
+                scores[mine, 1:] = neg_scores
+            scores[mine, 0] = t.docs_score[positive[mine]]
+        return Batch(source, row, positive, negatives, scores)
 
     def _random_positives(self, t: TokenizedSource, ids: np.ndarray, rows: np.ndarray, epoch: int,
                           n: int) -> np.ndarray:

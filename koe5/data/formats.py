@@ -6,7 +6,9 @@ Every reader here yields `Triple`s, and a `DataError` (naming file:line or the J
 does not fit its format instead of raising it, so `data.on_error: skip` can count it and go on.
 
     triples       one record per query: query, document (a string or a list of positives), hard_negative
-                  (a string or a list; `fields.hard_negative: null` = no such column, as in MS MARCO-ko)
+                  (a string or a list; `fields.hard_negative: null` = no such column, as in MS MARCO-ko),
+                  and optionally `fields.scores`: a teacher's score for each of those documents (score
+                  distillation, loss.distill_weight), each positive then each hard negative, in order
     squad         SQuAD-style JSON (KorQuAD, KLUE-MRC): question -> its paragraph; the article's other
                   paragraphs are the hard negatives, starting with the next one, so data.hard_negatives
                   rotates through the article; unanswerable questions (`is_impossible`) are left out
@@ -53,6 +55,9 @@ class Triple:
     positives: tuple[str, ...]        # one or more; data.positive picks which one a step uses
     hard_negatives: tuple[str, ...]   # zero or more; the batch sampler rotates through them
     unit: str = field(default="", compare=False)  # what the holdout split assigns to a side (see above)
+    # The teacher's score of each positive, then each hard negative (fields.scores); NaN where a document has
+    # none (a mined negative); None: the source has no teacher scores.
+    scores: tuple[float, ...] | None = None
 
     @property
     def document(self) -> str:
@@ -120,10 +125,41 @@ def parse_record(record: dict, where: str, fields, read_negatives: bool) -> Trip
     query = text_field(record, "query", fields.query, where)
     positives = list_field(record, "document", fields.document, where)
     negatives: tuple[str, ...] = ()
-    if read_negatives and fields.hard_negative:
+    scores = None
+    if (read_negatives or fields.scores) and fields.hard_negative:
         # Fewer negatives than data.hard_negatives (even none) is fine: the batch sampler fills the rest.
         negatives = list_field(record, "hard_negative", fields.hard_negative, where, allow_empty=True)
-    return Triple(query, positives, negatives, _unit(record, fields, where, query))
+    if fields.scores:  # read whole, so the count is checked against the record as written
+        scores = score_list(record, fields.scores, len(positives) + len(negatives), where)
+    if not read_negatives:
+        negatives = ()
+        scores = None if scores is None else scores[:len(positives)]
+    return Triple(query, positives, negatives, _unit(record, fields, where, query), scores)
+
+
+def score_list(record: dict, column: str, count: int, where: str) -> tuple[float, ...]:
+    """The teacher's scores: `count` finite numbers, as a list or (CSV/TSV, where every cell is text) a cell
+    of numbers separated by commas or spaces, optionally in brackets: `[0.9, 0.2]`."""
+    label = _label("scores", column)
+    raw = record.get(column)
+    if raw is None:
+        raise DataError(f"{where}: missing field {label} (the teacher's scores; map the column with fields.scores)")
+    values = raw.strip().strip("[]").replace(",", " ").split() if isinstance(raw, str) else raw
+    if not isinstance(values, (list, tuple)):
+        values = [values]
+    out = []
+    for v in values:
+        try:
+            number = math.nan if isinstance(v, bool) else float(v)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise DataError(f"{where}: field {label} holds {v!r}, not a finite number")
+        out.append(number)
+    if len(out) != count:
+        raise DataError(f"{where}: field {label} has {len(out)} scores for the record's {count} documents (one per "
+                        "positive, then one per hard negative, in order)")
+    return tuple(out)
 
 
 def _triples(source, read_negatives: bool, notes: Counter) -> Iterator["Triple | DataError"]:

@@ -11,7 +11,8 @@ trained, i.e. the base) at the training lengths. Mining itself is koe5/data/mine
 query nor the query itself (normalized text), and must score below the margin under the query's best
 positive, since passages that score about as high as the positive are often unlabelled positives (false
 negatives). A row keeps its own negatives first (NLI contradictions, pair-set negatives), then the mined
-ones. A row left with none still trains: the batch sampler gives it other rows' positives.
+ones. A row left with none still trains: the batch sampler gives it other rows' positives. The teacher has
+no score for a mined negative (fields.scores): it gets NaN, which leaves it out of the distillation term.
 
 What mining kept and rejected is counted in the cache's meta.json (`left_out` notes, shown by
 `koe5 data stats` and recorded with the run's data checks).
@@ -60,7 +61,8 @@ def mine_source(source, spec, triples: list[Triple], notes: dict, encoder=None) 
     for t in triples:
         own = set(t.hard_negatives)
         extra = tuple(n for n in mined.get(t.query, ()) if n not in own)
-        out.append(replace(t, hard_negatives=t.hard_negatives + extra))
+        scores = None if t.scores is None else t.scores + (float("nan"),) * len(extra)
+        out.append(replace(t, hard_negatives=t.hard_negatives + extra, scores=scores))
     counts = {
         "mine: rows given mined negatives": stats.rows_written,
         "mine: rows with fewer mined negatives than asked": stats.rows_short,

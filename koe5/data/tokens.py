@@ -10,6 +10,8 @@ data.hard_negatives, data.on_error) into $KOE5_CACHE/tokens/<key>/ (arrays in na
     queries.len   int32   untruncated length of each query (what `koe5 data stats` reports)
     queries.key   int64   text_key of each query (duplicate counts)
     docs.ids/.off/.len/.key  the same for documents; text_key is what duplicate masking compares
+    docs.score    float32 the teacher's score of each document for its row's query (fields.scores), NaN where
+                          there is none (a source without scores, a mined negative)
     rows.docs     int64   n_rows + 1: row i's documents are docs[rows.docs[i]:rows.docs[i+1]],
     rows.npos     int32     its positives first (rows.npos[i] of them), then its hard negatives
     leak.exact    int64   hashes of every query and positive, as written and after the leakage guard's
@@ -41,12 +43,12 @@ from koe5.data.mine_source import mine_source, mining_identity
 from koe5.data.triples import as_source, exact_hash, iter_triples, text_key
 from koe5.paths import cache_root
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: docs.score
 BATCH_ROWS = 4096  # rows tokenized per call: big enough for the fast tokenizer, small enough for RAM
 
 ARRAYS = {  # file -> dtype
     "queries.ids": np.int32, "queries.off": np.int64, "queries.len": np.int32, "queries.key": np.int64,
-    "docs.ids": np.int32, "docs.off": np.int64, "docs.len": np.int32, "docs.key": np.int64,
+    "docs.ids": np.int32, "docs.off": np.int64, "docs.len": np.int32, "docs.key": np.int64, "docs.score": np.float32,
     "rows.docs": np.int64, "rows.npos": np.int32, "leak.exact": np.int64, "leak.norm": np.int64,
 }
 
@@ -160,6 +162,8 @@ def _write_chunk(files: dict, chunk: list, backend, m, specials: tuple, ends: di
     d_ids, d_len = _encode(backend, flat_docs, m.passage_prefix, m.passage_max_len, specials)
     ends["queries"] = _append(files, "queries", q_ids, q_len, [text_key(t.query) for t in chunk], ends["queries"])
     ends["docs"] = _append(files, "docs", d_ids, d_len, [text_key(x) for x in flat_docs], ends["docs"])
+    scores = [x for t, row in zip(chunk, docs) for x in (t.scores if t.scores is not None else [np.nan] * len(row))]
+    files["docs.score"].write(np.asarray(scores, np.float32).tobytes())
     sizes = np.fromiter((len(row) for row in docs), np.int64, len(docs))
     files["rows.docs"].write((ends["documents"] + np.cumsum(sizes)).tobytes())
     files["rows.npos"].write(np.fromiter((len(t.positives) for t in chunk), np.int32, len(chunk)).tobytes())

@@ -63,6 +63,11 @@ class FieldsSpec:
     id: Optional[str] = doc("Column identifying a record's unit for `holdout` (e.g. a query id); null = the query "
                             "text. Formats squad, nli and paraphrase have their own units (article title, premise, "
                             "group).", None)
+    scores: Optional[str] = doc(
+        "Format triples: column holding the teacher's scores of the record's documents for loss.distill_weight: "
+        "one number per document, each positive then each hard negative in order (a list, or in CSV/TSV a cell "
+        "like `[0.9, 0.2]`); null = no teacher scores (the source's rows stay out of the distillation term).",
+        None)
 
 
 @dataclass
@@ -190,6 +195,14 @@ class LossSpec:
         "full embeddings only.", None)
     matryoshka_weights: Optional[list[float]] = doc(
         "One weight (> 0) per entry of matryoshka_dims, in the same order; null = 1 each.", None)
+    distill_weight: Optional[float] = doc(
+        "Score distillation from stored teacher scores (a source's fields.scores): adds distill_weight x the mean "
+        "over scored queries of KL(teacher || student) over each query's own positive and hard negatives "
+        "(documents without a teacher score left out; at every Matryoshka width; koe5/train/loss.py); the "
+        "student's temperature is loss.temperature. Needs data.hard_negatives >= 1. > 0 turns it on; null or 0 = off.",
+        None)
+    distill_temperature: float = doc(
+        "Score distillation: the teacher's softmax temperature; teacher probabilities = softmax(scores / it).", 1.0)
 
 
 @dataclass

@@ -248,6 +248,7 @@ def check_rules(spec: schema.Spec, errors: Errors, origins: Origins, elsewhere: 
     need("loss.temperature", spec.loss.temperature, finite_positive, "expected a temperature > 0")
     _check_guide(spec.loss, bad, need, missing, broken)
     _check_matryoshka(spec, bad, broken)
+    _check_distill(spec, bad, need, broken)
 
     t = spec.train
     if t.max_steps is None and t.epochs is None and "train.max_steps" not in broken and "train.epochs" not in broken:
@@ -373,6 +374,31 @@ def _check_guide(loss: schema.LossSpec, bad: Callable[[str, str], None], need: C
                                    "loss.name is infonce")
 
 
+def _check_distill(spec: schema.Spec, bad: Callable[[str, str], None], need: Callable, broken: _Broken) -> None:
+    """loss.distill_*: the KL term needs teacher scores (some source's fields.scores) and a candidate besides
+    the positive (data.hard_negatives >= 1); its temperature does nothing without it."""
+    loss = spec.loss
+    need("loss.distill_weight", loss.distill_weight, lambda v: math.isfinite(v) and v >= 0,
+         "expected a weight >= 0 (0 or null = no distillation)")
+    need("loss.distill_temperature", loss.distill_temperature, lambda v: math.isfinite(v) and v > 0,
+         "expected a temperature > 0")
+    on = isinstance(loss.distill_weight, (int, float)) and loss.distill_weight > 0 \
+        and "loss.distill_weight" not in broken
+    if not on:
+        if loss.distill_temperature != 1.0 and "loss.distill_temperature" not in broken:
+            bad("loss.distill_temperature", "only used with loss.distill_weight > 0 (score distillation), which is "
+                                            "off; set loss.distill_weight or remove this key")
+        return
+    sources = spec.data.sources if spec.data and isinstance(spec.data.sources, list) else []
+    if not any(s is not None and isinstance(s.fields, schema.FieldsSpec) and s.fields.scores for s in sources):
+        bad("loss.distill_weight", "score distillation needs teacher scores, but no source of data.sources maps "
+                                   "a scores column (set a source's fields.scores, or loss.distill_weight to null)")
+    hard = spec.data.hard_negatives if spec.data else None
+    if isinstance(hard, int) and hard == 0 and "data.hard_negatives" not in broken:
+        bad("loss.distill_weight", "the KL term compares a query's positive with its hard negatives, and "
+                                   "data.hard_negatives is 0; set data.hard_negatives >= 1")
+
+
 def _check_matryoshka(spec: schema.Spec, bad: Callable[[str, str], None], broken: _Broken) -> None:
     """loss.matryoshka_*: positive, distinct widths, one positive weight each. Whether a width fits the model
     needs its config (koe5/orchestrate/checks.py, before any weight loads)."""
@@ -487,6 +513,10 @@ def _check_source_format(s: schema.SourceSpec, at: str, bad: Callable[[str, str]
     only("min_score", s.min_score, ("scored_pairs",))
     only("group_size", s.group_size, ("paraphrase",))
     only("fields.group", fields.group, ("paraphrase",))
+    only("fields.scores", fields.scores, ("triples",))
+    if fmt == "triples" and fields.scores and fields.hard_negative is None and f"{at}.fields.scores" not in broken:
+        bad(f"{at}.fields.scores", "teacher scores rank a row's positive against its hard negatives, and "
+                                   "fields.hard_negative is null; map the hard negatives' column too")
     only("labels", labels, tuple(LABEL_CLASSES))
     if fmt == "squad" and s.file_type not in (None, "json"):
         bad(f"{at}.file_type", f"format squad reads SQuAD JSON; file_type must be json or null, found {s.file_type!r}")

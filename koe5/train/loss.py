@@ -33,12 +33,30 @@ MatryoshkaLoss (its `shrink`) around MultipleNegativesRankingLoss; every level m
 through the truncation and normalization onto the full embeddings, so GradCache replays the model once.
 The margin and false-negative diagnostics are those of the widest level.
 
+Score distillation (`loss.distill_weight` w, `loss.distill_temperature` T; teacher scores t stored with the data,
+a source's `fields.scores`): L = contrastive + w * mean_{i in S} KL(p_i || q_i), where for query i the
+candidates are its own documents only (its positive and its hard negatives, in the batch's layout),
+p_i = softmax(t_i / T) the teacher's distribution and log q_i = log_softmax(s(q_i, d) / tau) the student's,
+tau being loss.temperature. A candidate without a teacher score (a mined negative, a negative borrowed from
+another row) is left out of both distributions; S is the global batch's queries with at least two scored
+candidates (rows of sources without scores are not in S), and the mean is over S, all ranks together, so it
+does not depend on cross-device negatives. Duplicate masking and the guide do not touch this term: a
+candidate the teacher rates high is exactly what it teaches. With Matryoshka the term is taken at every
+width, with that width's weight (MatryoshkaLoss around contrastive + w * KL). In symmetric_infonce it is
+added once (the teacher scored documents for queries). This is sentence-transformers' DistillKLDivLoss with
+student_temperature=tau and teacher_temperature=T, except that koe5 does not multiply by tau^2 (it uses
+tau < 1, where Hinton's factor shrinks the term; w sets its scale) and has a row with any number of
+negatives, or some unscored, in one batch. FlagEmbedding (BGE-M3, KURE-v2) minimizes the cross-entropy
+-sum p log q instead, which has the same gradient; the logged `distill_kl` is the KL (>= 0).
+
 Gradient convention: each rank computes the loss terms of its own queries against the gathered pool and
 the gradient w.r.t. the whole pool; an all-reduce sums those gradients and each rank keeps its slice.
 DeepSpeed then *averages* parameter gradients over ranks, so the slice is multiplied by world_size:
 N ranks with global batch B take exactly the step one process takes with batch B.
 Without cross-device negatives each rank's loss is the mean over its own rows, and DeepSpeed's average
-gives the mean over ranks.
+gives the mean over ranks. The distillation term's mean is over the global count |S| (one all-reduce):
+each rank divides its rows' sum by |S| (by |S| / world_size without cross-device negatives, where its
+gradient is not multiplied by world_size), so DeepSpeed's average gives exactly the sum over S / |S|.
 """
 
 from __future__ import annotations
@@ -63,6 +81,15 @@ class LossResult:
     false_neg_frac: float    # mean over queries of the fraction of negatives scoring above the positive
     guide_masked: float | None = None       # mean over queries of the candidates the guide masked (count)
     guide_masked_frac: float | None = None  # ... as a fraction of the query's candidates (positive excluded)
+    distill_kl: float | None = None    # mean KL(teacher || student) over the scored queries (widest width)
+    distill_frac: float | None = None  # the scored queries' share of the global batch
+
+
+@dataclass
+class DistillConfig:
+    """Score distillation: the KL term's weight and the teacher's temperature (see the module docstring)."""
+    weight: float
+    temperature: float = 1.0
 
 
 @dataclass
@@ -144,18 +171,41 @@ def _direction(rows: torch.Tensor, pool: torch.Tensor, targets: torch.Tensor, ro
     return total
 
 
+def _distill(rows: torch.Tensor, docs: torch.Tensor, teacher: torch.Tensor, temperature: float,
+             cfg: DistillConfig, normalizer: float) -> tuple[float, float]:
+    """Accumulate into rows.grad / docs.grad the gradient of w * sum_i KL(p_i || q_i) / normalizer over this
+    rank's scored queries, each against its own documents. rows: [b, dim] (views of leaves); docs: [b * (1 + n),
+    dim] in the batch layout; teacher: [b, 1 + n] scores, NaN where none. Returns (the term, sum of KL)."""
+    b = rows.shape[0]
+    candidates = torch.cat([docs[:b, None], docs[b:].reshape(b, -1, docs.shape[1])], dim=1)  # [b, 1 + n, dim]
+    scored = ~torch.isnan(teacher)
+    use = scored.sum(1) >= 2  # a distribution over one candidate teaches nothing
+    if not use.any():
+        return 0.0, 0.0
+    keep = scored[use]
+    student = ((rows[use, None, :] * candidates[use]).sum(-1) / temperature).masked_fill(~keep, float("-inf"))
+    log_q = torch.log_softmax(student, dim=1).masked_fill(~keep, 0.0)  # 0, not -inf: 0 * -inf would be NaN
+    p = torch.softmax((teacher[use] / cfg.temperature).masked_fill(~keep, float("-inf")), dim=1)
+    kl = F.kl_div(log_q, p, reduction="sum")  # sum p (log p - log q); an unscored candidate has p = 0
+    loss = cfg.weight * kl / normalizer
+    loss.backward()
+    return loss.item(), kl.item()
+
+
 def contrastive_loss(q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor, *, name: str = "infonce",
                      temperature: float = 0.02, mask_duplicates: bool = True,
                      cross_device: bool = True, guide_q: torch.Tensor | None = None,
                      guide_d: torch.Tensor | None = None, guide: GuideConfig | None = None,
-                     matryoshka: MatryoshkaConfig | None = None) -> LossResult:
+                     matryoshka: MatryoshkaConfig | None = None, teacher: torch.Tensor | None = None,
+                     distill: DistillConfig | None = None) -> LossResult:
     """Loss value and embedding gradients for one rank's detached embeddings.
 
     q: [b, dim] query embeddings; d: [b * (1 + n), dim] documents (positives first); doc_ids: [b * (1 + n)]
     integer identities of the documents (for duplicate masking). Works in float32.
     guide_q / guide_d: the guide model's normalized embeddings of the same rows, with `guide` saying how they
     mask candidates (None: no guided filtering). matryoshka: the widths and weights of a Matryoshka loss
-    (None: the full embeddings only).
+    (None: the full embeddings only). teacher: [b, 1 + n] the teacher's scores of each query's documents
+    (positive first, NaN where none), with `distill` its weight and temperature (None: no distillation).
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
@@ -202,7 +252,18 @@ def contrastive_loss(q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor, *,
             guide_dq = (gd_all[pos_local], gq_all, torch.ones(q_all.shape[0], dtype=torch.bool, device=q.device),
                         guide)
 
-    stats = [0.0, 0.0, 0, 0.0, 0.0]
+    n_scored = 0.0
+    if distill is not None:
+        teacher = teacher.detach().float()
+        # |S|, the queries of the global batch in the KL term: the same count with or without gathering
+        count = ((~torch.isnan(teacher)).sum(1) >= 2).sum().to(torch.float64).reshape(1)
+        if distributed and world > 1:
+            dist.all_reduce(count)
+        n_scored = count.item()
+    # the KL term's divisor: |S|; without gathering DeepSpeed's average over ranks divides once more
+    distill_normalizer = n_scored / (1 if gather else world)
+
+    stats = [0.0, 0.0, 0, 0.0, 0.0, 0.0]
     # Each direction's terms are divided by normalizer / half, so the symmetric loss is their average.
     half = 0.5 if name == "symmetric_infonce" else 1.0
     levels = [(None, 1.0)] if matryoshka is None else list(zip(matryoshka.dims, matryoshka.weights))
@@ -220,13 +281,19 @@ def contrastive_loss(q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor, *,
         if name == "symmetric_infonce":
             total += _direction(da[pos_local], qa, q_off + local, pos_ids_local, q_pos_ids,
                                 temperature, mask_duplicates, normalizer / (half * weight), None, guide_dq)
+        if distill is not None and n_scored:
+            term, kl = _distill(qa[q_off:q_off + b], da[d_off:d_off + n_docs], teacher, temperature,
+                                DistillConfig(distill.weight * weight, distill.temperature), distill_normalizer)
+            total += term
+            if (dim or 0) == widest:
+                stats[5] += kl
         if dim is not None:  # chain rule through the truncation and normalization onto the full embeddings
             torch.autograd.backward([F.normalize(q_all[:, :dim], dim=-1), F.normalize(d_all[:, :dim], dim=-1)],
                                     [qa.grad, da.grad])
 
     grad_q, grad_d = q_all.grad, d_all.grad
-    summary = torch.tensor([total, stats[0], stats[1], stats[2], stats[3], stats[4]], dtype=torch.float64,
-                           device=q.device)
+    summary = torch.tensor([total, stats[0], stats[1], stats[2], stats[3], stats[4], stats[5]],
+                           dtype=torch.float64, device=q.device)
     if distributed and world > 1:
         if gather:
             dist.all_reduce(grad_q)
@@ -245,4 +312,6 @@ def contrastive_loss(q: torch.Tensor, d: torch.Tensor, doc_ids: torch.Tensor, *,
         # per query of the global batch (the local batch without cross-device negatives: summed over ranks)
         guide_masked=None if guide is None else summary[4].item() / (b * world),
         guide_masked_frac=None if guide is None else summary[5].item() / (b * world),
+        distill_kl=None if distill is None else summary[6].item() / max(n_scored, 1),
+        distill_frac=None if distill is None else n_scored / (b * world),
     )

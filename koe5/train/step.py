@@ -3,7 +3,10 @@
 With a guide model (`loss.guide_model`, koe5/train/guide.py) the guide embeds the same chunks without
 grad, after the model's no-grad pass (the guide is in eval mode and draws no random numbers, so the
 replayed chunks see the dropout masks they saw before); its embeddings only mask candidates in the loss
-(koe5/train/loss.py) and are never replayed."""
+(koe5/train/loss.py) and are never replayed.
+
+Score distillation (`loss.distill_weight`) needs no model at all: the teacher's scores come with the batch
+(`teacher_scores`), and its KL term is one more gradient on the same embeddings."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Optional
 import torch
 
 from koe5.train.gradcache import embed_without_grad, make_chunks, pad_chunk_count, replay
-from koe5.train.loss import GuideConfig, LossResult, MatryoshkaConfig, contrastive_loss
+from koe5.train.loss import DistillConfig, GuideConfig, LossResult, MatryoshkaConfig, contrastive_loss
 
 
 class NonFiniteLoss(RuntimeError):
@@ -33,17 +36,22 @@ class StepConfig:
     bf16: bool = False  # forwards under bf16 autocast; weights and gradients stay float32
     guide: Optional[GuideConfig] = None  # guided false-negative filtering; train_step then needs guide_model
     matryoshka: Optional[MatryoshkaConfig] = None  # the loss at several truncated widths
+    distill: Optional[DistillConfig] = None  # score distillation; train_step then needs teacher_scores
 
 
 def train_step(engine, queries: dict, documents: dict, doc_ids: torch.Tensor, cfg: StepConfig,
-               device: torch.device, guide_model=None) -> LossResult:
+               device: torch.device, guide_model=None, teacher_scores: Optional[torch.Tensor] = None) -> LossResult:
     """Forward, loss, backward and optimizer step. `engine` is a DeepSpeed engine (or anything with
     __call__, backward and step); the batches are tokenized and already on `device`. `guide_model` is the
-    frozen guide (an EmbeddingModel in eval mode, normalizing) when cfg.guide is set."""
+    frozen guide (an EmbeddingModel in eval mode, normalizing) when cfg.guide is set. `teacher_scores`
+    ([b, 1 + n], NaN where none: koe5.data.dataset.Batch.scores) when cfg.distill is set."""
     if (cfg.guide is None) != (guide_model is None):
         raise ValueError("StepConfig.guide and guide_model go together: give both or neither")
+    if (cfg.distill is None) != (teacher_scores is None):
+        raise ValueError("StepConfig.distill and teacher_scores go together: give both or neither")
     loss_kwargs = dict(name=cfg.loss_name, temperature=cfg.temperature, mask_duplicates=cfg.mask_duplicates,
-                       cross_device=cfg.cross_device, guide=cfg.guide, matryoshka=cfg.matryoshka)
+                       cross_device=cfg.cross_device, guide=cfg.guide, matryoshka=cfg.matryoshka,
+                       teacher=teacher_scores, distill=cfg.distill)
     model = _autocast(engine, device) if cfg.bf16 else engine
     guide = None if guide_model is None else _autocast(guide_model, device) if cfg.bf16 else guide_model
     if cfg.cache:

@@ -39,7 +39,7 @@ from koe5.spec.schema import Spec
 from koe5.train import checkpoint
 from koe5.train.compile import compile_backbone
 from koe5.train.guide import load_guide
-from koe5.train.loss import GUIDE_MASKS, GuideConfig, MatryoshkaConfig
+from koe5.train.loss import GUIDE_MASKS, DistillConfig, GuideConfig, MatryoshkaConfig
 from koe5.train.evaluation import DuringTraining, is_eval_step
 from koe5.train.step import StepConfig, train_step
 
@@ -173,11 +173,12 @@ def step_config(spec: Spec) -> StepConfig:
     if loss.matryoshka_dims is not None:  # matryoshka_weights null: 1 each
         matryoshka = MatryoshkaConfig(dims=tuple(loss.matryoshka_dims),
                                       weights=tuple(loss.matryoshka_weights or [1.0] * len(loss.matryoshka_dims)))
+    distill = DistillConfig(loss.distill_weight, loss.distill_temperature) if loss.distill_weight else None
     return StepConfig(loss_name=loss.name, temperature=loss.temperature,
                       mask_duplicates=loss.mask_duplicates, cross_device=loss.cross_device_negatives,
                       cache=spec.cache.enabled, chunk_size=spec.cache.chunk_size,
                       chunk_tokens=spec.cache.chunk_tokens, bf16=spec.train.precision == "bf16", guide=guide,
-                      matryoshka=matryoshka)
+                      matryoshka=matryoshka, distill=distill)
 
 
 def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dict:
@@ -247,7 +248,9 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
                 drawn_tokens[data.names[k]] += int(tokens[batch.source == k].sum())
             queries, documents, doc_ids, n_tokens = to_device(collated, device, non_blocking=pinned)
 
-            result = train_step(engine, queries, documents, doc_ids, cfg, device, guide_model=guide)
+            teacher = None if cfg.distill is None else torch.as_tensor(rows.scores, device=device)
+            result = train_step(engine, queries, documents, doc_ids, cfg, device, guide_model=guide,
+                                teacher_scores=teacher)
 
             window_triples += len(rows) * world
             window_tokens += n_tokens * world
@@ -265,6 +268,8 @@ def train(spec: Spec, spec_yaml: str, run_dir: Path, spec_hash: str = "") -> dic
                     "margin": result.margin, "false_neg_frac": result.false_neg_frac,
                     **({} if guide is None else {"guide_masked": result.guide_masked,
                                                  "guide_masked_frac": result.guide_masked_frac}),
+                    **({} if cfg.distill is None else {"distill_kl": result.distill_kl,
+                                                       "distill_frac": result.distill_frac}),
                     # train.compile: graphs compiled so far; growing after the first steps means recompiles
                     **({"compiles": backbone.koe5_compiles.graphs} if spec.train.compile else {}),
                     "elapsed_s": now - start,
