@@ -134,6 +134,10 @@ GUIDE_AND_MATRYOSHKA = {
 }
 NEED_A_BENCHMARK = {"eval.every", "eval.during", "train.keep_best.metric", "train.keep_best.benchmark",
                     "train.keep_best.patience"}
+# Valid only beside keys of another section, which one override cannot change together (distillation needs a
+# source with teacher scores; this test's spec runs ZeRO-3, which train.compile refuses): changed in
+# test_two_section_keys_change_the_hash below.
+NEED_ANOTHER_SECTION = {"loss.distill_weight", "loss.distill_temperature", "train.compile"}
 
 
 def mutation(path: str, value, data: dict) -> str | None:
@@ -150,6 +154,8 @@ def mutation(path: str, value, data: dict) -> str | None:
         return f"loss={json.dumps(dict(data['loss'], **GUIDE_AND_MATRYOSHKA[path]))}"
     if path in NEED_A_BENCHMARK:  # this spec has no benchmark (tests/test_eval_during_training.py covers them)
         return None
+    if path in NEED_ANOTHER_SECTION:
+        return None
     if path == "launch.nproc_per_node":
         new = 2 if value == 1 else 1
     elif path == "cache.chunk_size":
@@ -161,8 +167,9 @@ def mutation(path: str, value, data: dict) -> str | None:
     elif path == "deepspeed.zero_stage":
         new = (value + 1) % 4
     elif path in ("model.pooling", "train.precision", "train.scheduler", "train.device", "launch.backend",
-                  "data.mixing", "data.leakage", "data.on_error", "data.positive"):
+                  "data.mixing", "data.leakage", "data.on_error", "data.positive", "model.attention", "eval.dtype"):
         choices = {"model.pooling": ["mean", "cls"], "train.precision": ["fp32", "bf16", "fp16"],
+                   "model.attention": ["padded", "varlen"], "eval.dtype": ["fp32", "bf16"],
                    "train.scheduler": ["linear", "cosine", "constant"], "train.device": ["auto", "cpu", "cuda"],
                    "launch.backend": ["auto", "deepspeed", "torchrun"],
                    "data.mixing": ["proportional", "weighted", "temperature"],
@@ -181,7 +188,7 @@ def mutation(path: str, value, data: dict) -> str | None:
         new = {"model.dropout": 0.1, "train.max_steps": 7, "train.epochs": 2.0, "train.grad_clip": 1.0,
                "registry.path": "r.duckdb", "cache.chunk_tokens": 4096, "train.save_every": 100,
                "launch.hostfile": "hosts", "launch.master_port": 29501, "eval.query_max_len": 128,
-               "eval.passage_max_len": 256}.get(path, "named")
+               "eval.passage_max_len": 256, "eval.dims": [8]}.get(path, "named")
         if isinstance(new, str):
             return f"{path}={new}"
     elif value == [] and path == "tags":
@@ -215,7 +222,18 @@ def test_every_value_changes_the_hash_except_locations(tmp_path):
         assert (changed.spec_hash == base.spec_hash) == (path in LOCATIONS), override
         tried.add(path)
     untried = {p for p in flatten(base.data) if p not in tried}
-    assert untried == {"data.sources[0].path", "eval.benchmarks"} | NEED_A_BENCHMARK
+    assert untried == {"data.sources[0].path", "eval.benchmarks"} | NEED_A_BENCHMARK | NEED_ANOTHER_SECTION
+
+
+def test_two_section_keys_change_the_hash(tmp_path):
+    """The keys of NEED_ANOTHER_SECTION, each changed beside the keys it needs."""
+    make_files(tmp_path)
+    d = {"name": "two", "model": {"name_or_path": "m"}, "train": {"max_steps": 5},
+         "data": {"sources": [{"path": "a.jsonl", "fields": {"scores": "s"}}]},
+         "loss": {"distill_weight": 1.0, "distill_temperature": 1.0}, "deepspeed": {"zero_stage": 2}}
+    base = resolve(tmp_path, yaml.safe_dump(d))
+    for override in ("loss.distill_weight=0.5", "loss.distill_temperature=2.0", "train.compile=true"):
+        assert resolve(tmp_path, yaml.safe_dump(d), overrides=[override]).spec_hash != base.spec_hash, override
 
 
 @PROPS
