@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from koe5 import cli
 from koe5.registry import Registry
 from koe5.registry import connect as connect_mod
+from test_eval_during_training import pytrec_metrics
 from test_spec_errors import errors_for, put, valid_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,6 @@ def exported(tmp_path_factory) -> Path:
 def reference_metrics(model_dir: Path, dim: int | None) -> dict[str, float]:
     """NDCG@k and Recall@k of the sample benchmark, independently of koe5's evaluation: sentence-transformers
     with `truncate_dim` (and its normalization), exact scores over the whole corpus, pytrec_eval."""
-    import pytrec_eval
     from sentence_transformers import SentenceTransformer
 
     from koe5.eval.benchmark import load_benchmark
@@ -51,15 +50,7 @@ def reference_metrics(model_dir: Path, dim: int | None) -> dict[str, float]:
     queries = st.encode(bench.query_texts, prompt_name="query", normalize_embeddings=True)
     passages = st.encode(bench.corpus_texts, prompt_name="passage", normalize_embeddings=True)
     assert queries.shape[1] == (dim or 128)
-    scores = (queries @ passages.T).astype(np.float32)
-    run = {q: {d: float(s) for d, s in zip(bench.corpus_ids, row)} for q, row in zip(bench.query_ids, scores)}
-    measures = {f"ndcg_cut.{','.join(map(str, KS))}", f"recall.{','.join(map(str, KS))}"}
-    per_query = pytrec_eval.RelevanceEvaluator(bench.qrels, measures).evaluate(run)
-    out = {}
-    for k in KS:
-        out[f"ndcg@{k}"] = float(np.mean([m[f"ndcg_cut_{k}"] for m in per_query.values()]))
-        out[f"recall@{k}"] = float(np.mean([m[f"recall_{k}"] for m in per_query.values()]))
-    return out
+    return pytrec_metrics(bench, queries, passages, KS)
 
 
 def run_cli(capsys, *argv):

@@ -46,7 +46,6 @@ def checkpoint_weights(directory: Path, step: int) -> dict[str, torch.Tensor]:
 def independent_metrics(model_dir: Path, weights: dict | None = None) -> dict[str, float]:
     """NDCG@k and Recall@k of the sample benchmark by sentence-transformers and pytrec_eval, with `weights`
     loaded into the exported model's architecture (default: the export's own weights)."""
-    import pytrec_eval
     from sentence_transformers import SentenceTransformer
 
     from koe5.eval.benchmark import load_benchmark
@@ -59,9 +58,15 @@ def independent_metrics(model_dir: Path, weights: dict | None = None) -> dict[st
     bench = load_benchmark(str(BENCH_DIR))
     queries = st.encode(bench.query_texts, prompt_name="query", convert_to_numpy=True)
     passages = st.encode(bench.corpus_texts, prompt_name="passage", convert_to_numpy=True)
+    return pytrec_metrics(bench, queries, passages, (1, 3, 5, 10))
+
+
+def pytrec_metrics(bench, queries: np.ndarray, passages: np.ndarray, ks) -> dict[str, float]:
+    """NDCG@k and Recall@k by pytrec_eval from exact dot-product scores over the whole corpus."""
+    import pytrec_eval
+
     scores = (queries @ passages.T).astype(np.float32)
     run = {q: {d: float(s) for d, s in zip(bench.corpus_ids, row)} for q, row in zip(bench.query_ids, scores)}
-    ks = (1, 3, 5, 10)
     measures = {f"ndcg_cut.{','.join(map(str, ks))}", f"recall.{','.join(map(str, ks))}"}
     per_query = pytrec_eval.RelevanceEvaluator(bench.qrels, measures).evaluate(run)
     out = {}
