@@ -179,7 +179,7 @@ def test_three_gradcache_steps_with_varlen_give_the_padded_weights():
 def test_every_issue_17_lever_together_gives_the_plain_weights():
     """Unpadded attention, the compiled backbone (aot_eager, tests/conftest.py), the prefetch thread and token
     chunks, all in one run: the weights of the plain padded run with row chunks, to 1e-5. Each lever is proven
-    alone elsewhere; this is the combination levers.sh's `all` row times on a GPU."""
+    alone elsewhere; this is the combination levers.sh's `every` row times on a GPU."""
     reference = trained_weights("cache.chunk_size=3")
     assert_trained(reference)
     assert_same_weights(trained_weights("cache.chunk_size=3", "cache.chunk_tokens=96", "model.attention=varlen",
