@@ -94,13 +94,23 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_training(command: list[str]) -> int:
+def run_training(command: list[str], check_stop=lambda: None) -> int:
     """Run the ranks in the foreground (their progress bars go straight to the terminal); returns the
-    exit status. A rank that fails writes its reason to <run_dir>/error.txt."""
-    proc = subprocess.Popen(command, preexec_fn=_die_with_parent)
+    exit status. A rank that fails writes its reason to <run_dir>/error.txt. `check_stop` is called every
+    second and may raise to stop the ranks (the orchestrator's SIGTERM whose exception was lost)."""
+    proc = None
     try:
-        return proc.wait()
+        proc = subprocess.Popen(command, preexec_fn=_die_with_parent)
+        while True:
+            # Poll rather than block: a signal delivered to another thread of this process, or one whose
+            # exception was swallowed, must still stop the ranks within a second.
+            try:
+                return proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                check_stop()
     except BaseException:
+        if proc is None:
+            raise
         # Ctrl-C or SIGTERM in the orchestrator: stop the ranks too, then let the caller record it.
         proc.terminate()
         try:

@@ -188,6 +188,54 @@ def test_a_run_killed_after_its_baseline_resumes_when_the_spec_runs_again(tmp_pa
     assert sorted(r["kind"] for r in ls(registry)) == ["baseline", "train"]  # resumed in place, no new run
 
 
+# How a SIGTERM can get lost while the ranks train: its exception raised inside an at-fork callback (Python
+# prints "Exception ignored" and goes on; subprocess's fork runs logging's), or the signal taken by a thread
+# other than the main one, whose wait for the ranks it does not interrupt.
+LOST_SIGNAL = {
+    "swallowed_at_fork": """
+def sigterm_self_during_fork():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)  # the handler runs here, inside the at-fork callback, and its exception is swallowed
+os.register_at_fork(after_in_parent=sigterm_self_during_fork)
+""",
+    "taken_by_another_thread": """
+import threading
+main = threading.get_ident()
+def sigterm_from_a_thread():
+    time.sleep(2)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # this thread, not the main one, takes it
+threading.Thread(target=sigterm_from_a_thread).start()
+""",
+}
+
+
+@pytest.mark.parametrize("how", sorted(LOST_SIGNAL))
+def test_a_sigterm_whose_exception_is_lost_still_stops_the_ranks(tmp_path, how):
+    """The orchestrator's wait for its ranks ends within seconds of a SIGTERM however the signal arrives, and
+    the ranks are stopped. Catches a blocking wait: a lost SIGTERM left the run training (a CI run of
+    test_a_run_killed_after_its_baseline_resumes_when_the_spec_runs_again hung on it)."""
+    script = tmp_path / "orchestrator.py"
+    script.write_text(f"""
+import os, signal, sys, time
+from koe5.launch import run_training
+from koe5.orchestrate.lifecycle import Killed, raise_if_killed, signals_raise_killed
+{LOST_SIGNAL[how]}
+start = time.time()
+with signals_raise_killed():
+    try:
+        code = run_training([sys.executable, "-c", "import time; time.sleep(120)"], check_stop=raise_if_killed)
+        print("ranks exited", code)
+    except Killed as e:
+        print(f"killed ({{e}}) after {{time.time() - start:.1f}} s")
+""")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=100,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "killed (received SIGTERM)" in out.stdout, out.stdout + out.stderr
+    assert float(out.stdout.split(" after ")[1].split()[0]) < 30, out.stdout
+    if how == "swallowed_at_fork":  # the scenario happened: Python did swallow the handler's exception
+        assert "Exception ignored" in out.stderr and "Killed: received SIGTERM" in out.stderr, out.stderr
+
+
 def test_only_training_runs_decide_whether_a_spec_is_done(tmp_path):
     """A finished baseline under the training spec's hash (as koe5 recorded them before baselines got their
     own identity, so older registries hold them) neither skips nor blocks the resume of a killed training

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from koe5.orchestrate import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from koe5.orchestrate.decide import checkpoint_step, decide, run_dir_of, unsafe_changes, why_not_resumable
-from koe5.orchestrate.lifecycle import Heartbeat, Killed, fold_outputs, signals_raise_killed
+from koe5.orchestrate.lifecycle import Heartbeat, Killed, fold_outputs, raise_if_killed, signals_raise_killed
 from koe5.provenance import provenance
 
 
@@ -119,13 +119,14 @@ def execute(rs, registry, run_id: str, run_dir: Path, *, baseline_sweep: str | N
             baseline_id = None
             if with_baseline and spec.eval.baseline and spec.eval.benchmarks:
                 baseline_id = evaluate_baseline(rs, registry, baseline_sweep, run_dir / "baseline")
+                raise_if_killed()  # a signal whose exception an evaluation subprocess's fork swallowed
             registry.set_status(run_id, "running")
             track.start(spec, rs.spec_hash, run_dir)  # the ranks reopen the tracker runs; finish() below ends them
             heartbeat.start()
             (run_dir / "error.txt").unlink(missing_ok=True)
             command = training_command(spec, run_dir / "spec.yaml", run_dir)
             print(f"launch ({resolve_backend(spec)}): {' '.join(command)}")
-            code = run_training(command)
+            code = run_training(command, check_stop=raise_if_killed)
             fold_outputs(registry, run_id, run_dir)
             if code != 0:
                 error_file = run_dir / "error.txt"
@@ -139,6 +140,7 @@ def execute(rs, registry, run_id: str, run_dir: Path, *, baseline_sweep: str | N
             model_dir = run_dir / "model"
             registry.add_artifact(run_id, "model", str(model_dir))
             results = evaluate_trained(registry, run_id, str(model_dir), spec, run_dir / "eval", baseline_id)
+            raise_if_killed()
             if results:
                 update_model_card(model_dir, spec, rs.to_yaml(), run_dir, results)
             # After the model card, so the artifact carries the results table.

@@ -48,14 +48,28 @@ class Killed(Exception):
     """SIGTERM or SIGINT arrived; the run is recorded as `killed` with the signal's name."""
 
 
+# The signal that arrived, also kept here because the exception the handler raises can be lost: Python runs
+# the handler wherever the main thread happens to be, and code such as an at-fork callback (subprocess's fork
+# runs logging's) reports an exception raised inside it as "Exception ignored" and carries on.
+_received: list[str] = []
+
+
 def _raise_killed(signum, frame):
-    raise Killed(f"received {signal.Signals(signum).name}")
+    _received.append(signal.Signals(signum).name)
+    raise Killed(f"received {_received[-1]}")
+
+
+def raise_if_killed() -> None:
+    """Raise `Killed` if a signal arrived whose exception was swallowed; long waits call this as they poll."""
+    if _received:
+        raise Killed(f"received {_received[-1]}")
 
 
 @contextmanager
 def signals_raise_killed():
     """Within the block, SIGTERM and SIGINT raise `Killed` (so the orchestrator records why it stopped);
     the previous handlers come back afterwards."""
+    _received.clear()
     previous = {s: signal.signal(s, _raise_killed) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
