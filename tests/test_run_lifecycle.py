@@ -200,7 +200,6 @@ os.register_at_fork(after_in_parent=sigterm_self_during_fork)
 """,
     "taken_by_another_thread": """
 import threading
-main = threading.get_ident()
 def sigterm_from_a_thread():
     time.sleep(2)
     signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # this thread, not the main one, takes it
@@ -217,21 +216,34 @@ def test_a_sigterm_whose_exception_is_lost_still_stops_the_ranks(tmp_path, how):
     script = tmp_path / "orchestrator.py"
     script.write_text(f"""
 import os, signal, sys, time
+from pathlib import Path
 from koe5.launch import run_training
 from koe5.orchestrate.lifecycle import Killed, raise_if_killed, signals_raise_killed
 {LOST_SIGNAL[how]}
 start = time.time()
 with signals_raise_killed():
     try:
-        code = run_training([sys.executable, "-c", "import time; time.sleep(120)"], check_stop=raise_if_killed)
+        rank = [sys.executable, "-c", "import time; time.sleep(120)", {str(tmp_path)!r}]  # named by tmp_path
+        code = run_training(rank, check_stop=raise_if_killed)
         print("ranks exited", code)
     except Killed as e:
         print(f"killed ({{e}}) after {{time.time() - start:.1f}} s")
+# Still in the orchestrator (its exit would stop the rank anyway, through PR_SET_PDEATHSIG): is the rank gone?
+alive = 0
+for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    if cmdline.parent.name == str(os.getpid()):
+        continue  # this script's own path names tmp_path too
+    try:
+        alive += {str(tmp_path)!r}.encode() in cmdline.read_bytes()
+    except OSError:  # the process ended while we looked
+        pass
+print("ranks alive:", alive)
 """)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, timeout=100,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "killed (received SIGTERM)" in out.stdout, out.stdout + out.stderr
     assert float(out.stdout.split(" after ")[1].split()[0]) < 30, out.stdout
+    assert "ranks alive: 0" in out.stdout, out.stdout  # run_training stopped (and reaped) the rank
     if how == "swallowed_at_fork":  # the scenario happened: Python did swallow the handler's exception
         assert "Exception ignored" in out.stderr and "Killed: received SIGTERM" in out.stderr, out.stderr
 
