@@ -33,20 +33,20 @@ def write_rows(path: Path, n: int, own_negatives: bool) -> list[dict]:
     return rows
 
 
-def source(path: Path, name: str, own_negatives: bool) -> str:
+def source(path: Path, name: str, own_negatives: bool, first: str) -> str:
     negatives = '"hard_negative"' if own_negatives else "null"
     return (f'{{"path": "{path}", "name": "{name}", "fields": {{"hard_negative": {negatives}}}, '
-            f'"mine": {{"negatives": 3, "ranks": [{RANKS[0]}, {RANKS[1]}], "margin": {MARGIN}}}}}')
+            f'"mine": {{"negatives": 3, "ranks": [{RANKS[0]}, {RANKS[1]}], "margin": {MARGIN}, "first": "{first}"}}}}')
 
 
-def spec_for(tmp: Path, *overrides: str, n: int = 120):
+def spec_for(tmp: Path, *overrides: str, n: int = 120, first: str = "own"):
     """Two mined sources: pairs without negatives (MS MARCO-ko-like) and triples with their own."""
     pairs, triples = tmp / "pairs.jsonl", tmp / "triples.jsonl"
     if not pairs.exists():
         write_rows(pairs, n, own_negatives=False)
         write_rows(triples, n // 3, own_negatives=True)
-    return expand(QUICKSTART, [f"data.sources=[{source(pairs, 'pairs', False)}, {source(triples, 'triples', True)}]",
-                               "data.hard_negatives=1", *overrides])[0].spec
+    sources = f"{source(pairs, 'pairs', False, first)}, {source(triples, 'triples', True, first)}"
+    return expand(QUICKSTART, [f"data.sources=[{sources}]", "data.hard_negatives=1", *overrides])[0].spec
 
 
 def reference(rows: list[dict]) -> dict[str, list[str]]:
@@ -82,15 +82,17 @@ def negatives_of(data, k: int = 0) -> dict[str, list[list[int]]]:
     return out
 
 
-def test_mined_negatives_match_a_brute_force_ranking_and_follow_own_negatives(tmp_path):
+@pytest.mark.parametrize("first", ["own", "mined"])
+def test_mined_negatives_match_a_brute_force_ranking_in_the_declared_order(tmp_path, first):
     """Catches mining over the wrong pool (another source's passages, or only positives), a negative that
-    is a positive of the query's other row or the query itself, a margin not applied, and mined negatives
-    put before (or instead of) the row's own."""
+    is a positive of the query's other row or the query itself, a margin not applied, and the row's own and
+    mined negatives in the wrong order (own first by default; mined first, then the own ones mining did not
+    pick, with mine.first: mined), or one kind dropped."""
     from transformers import AutoTokenizer
 
     from koe5.model import resolve_model_path
 
-    spec = spec_for(tmp_path)
+    spec = spec_for(tmp_path, first=first)
     data = load_training_data(spec)
     tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-ko-bert"))
 
@@ -104,7 +106,9 @@ def test_mined_negatives_match_a_brute_force_ranking_and_follow_own_negatives(tm
         got = negatives_of(data, k)
         for r in rows:
             own = [r["hard_negative"]] if "hard_negative" in r else []
-            want = own + [n for n in expected[r["query"].strip()] if n not in own]
+            mined = expected[r["query"].strip()]
+            want = (own + [n for n in mined if n not in own] if first == "own"
+                    else mined + [n for n in own if n not in mined])
             assert [ids(n, "passage: ", 128) for n in want] in got[tuple(ids(r["query"], "query: ", 32))], r["query"]
         notes = data.sources[k].meta["left_out"]
         assert notes["mine: rows given mined negatives"] == sum(1 for r in rows if expected[r["query"].strip()])

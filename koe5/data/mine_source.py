@@ -11,8 +11,11 @@ trained, i.e. the base) at the training lengths. Mining itself is koe5/data/mine
 query nor the query itself (normalized text), and must score below the margin under the query's best
 positive, since passages that score about as high as the positive are often unlabelled positives (false
 negatives). A row keeps its own negatives first (NLI contradictions, pair-set negatives), then the mined
-ones. A row left with none still trains: the batch sampler gives it other rows' positives. The teacher has
-no score for a mined negative (fields.scores): it gets NaN, which leaves it out of the distillation term.
+ones; with `mine.first: mined` the mined ones come first, then the row's own that mining did not pick
+(data.hard_negatives trains on the first N, so this chooses which kind a short budget sees: a KorQuAD
+question's nearest paragraphs instead of its article's next one). A row left with none still trains: the
+batch sampler gives it other rows' positives. The teacher has no score for a mined negative
+(fields.scores): it gets NaN, which leaves it out of the distillation term.
 
 What mining kept and rejected is counted in the cache's meta.json (`left_out` notes, shown by
 `koe5 data stats` and recorded with the run's data checks).
@@ -59,10 +62,16 @@ def mine_source(source, spec, triples: list[Triple], notes: dict, encoder=None) 
     mined = {row["query"]: row["hard_negative"] for row in rows}  # per query text, as mine() groups them
     out = []
     for t in triples:
-        own = set(t.hard_negatives)
-        extra = tuple(n for n in mined.get(t.query, ()) if n not in own)
-        scores = None if t.scores is None else t.scores + (float("nan"),) * len(extra)
-        out.append(replace(t, hard_negatives=t.hard_negatives + extra, scores=scores))
+        picked = mined.get(t.query, ())
+        if m.first == "mined":
+            negatives = tuple(picked) + tuple(n for n in t.hard_negatives if n not in set(picked))
+        else:
+            negatives = t.hard_negatives + tuple(n for n in picked if n not in set(t.hard_negatives))
+        scores = None
+        if t.scores is not None:  # the teacher scored the row's own documents; a mined one gets NaN
+            own = dict(zip(t.hard_negatives, t.scores[len(t.positives):]))
+            scores = t.scores[:len(t.positives)] + tuple(own.get(n, float("nan")) for n in negatives)
+        out.append(replace(t, hard_negatives=negatives, scores=scores))
     counts = {
         "mine: rows given mined negatives": stats.rows_written,
         "mine: rows with fewer mined negatives than asked": stats.rows_short,

@@ -82,8 +82,13 @@ class HoldoutSpec:
 @dataclass
 class MineSpec:
     negatives: int = doc("Hard negatives to mine per row from this source's own passages, with the mining model, "
-                         "before training (koe5/data/mine_source.py); they follow the row's own negatives. 0 = no "
-                         "mining.", 0)
+                         "before training (koe5/data/mine_source.py); they join the row's own negatives in the order "
+                         "`first` says. 0 = no mining.", 0)
+    first: Literal["own", "mined"] = doc(
+        "Which of a row's negatives train first (data.hard_negatives takes them in order): `own` = the row's own "
+        "(a squad article's other paragraphs, an NLI contradiction, a triples file's hard_negative), then the "
+        "mined ones; `mined` = the mined ones, then the row's own that mining did not pick, e.g. a KorQuAD "
+        "question's nearest paragraphs under the mining model instead of the article's next one.", "own")
     ranks: list[int] = doc("[first, last]: the 1-based rank range candidates come from; skipping the top ranks "
                            "avoids unlabelled positives.", [3, 50])
     margin: float = doc("False-negative filter: a candidate must score below margin x the query's best positive "
