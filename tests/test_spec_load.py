@@ -46,7 +46,7 @@ def test_minimal_spec_fills_defaults_and_absolute_paths(tmp_path, monkeypatch):
                                              "split": "train", "format": "triples", "encoding": "utf-8",
                                              "file_type": None, "columns": None, "labels": {}, "min_score": None,
                                              "group_size": None, "holdout": {"fraction": 0.0, "side": "train", "seed": 0},
-                                             "mine": {"negatives": 0, "ranks": [3, 50], "margin": 0.95, "margin_abs": None,
+                                             "mine": {"negatives": 0, "first": "own", "ranks": [3, 50], "margin": 0.95, "margin_abs": None,
                                                       "model": None, "batch_size": 64}}
     assert rs.data["output_dir"] == str(tmp_path / "runs")
     assert rs.sweep_values == {} and rs.source_path == tmp_path / "spec.yaml"

@@ -121,7 +121,7 @@ FORMAT_KEYS = {"min_score": {"format": "scored_pairs", "min_score": 0.5},
                # one item of a list: an override replaces the list whole
                "mine.ranks[0]": {"mine": {"ranks": [2, 50]}}, "mine.ranks[1]": {"mine": {"ranks": [3, 20]}}}
 SOURCE_VALUES = {"format": "squad", "encoding": "cp949", "file_type": "jsonl", "holdout.fraction": 0.5,
-                 "mine.margin_abs": 0.05,
+                 "mine.margin_abs": 0.05, "mine.first": "mined",
                  "mine.model": "other-model"}
 
 
