@@ -335,24 +335,40 @@ def test_scores_reach_the_batch_in_order_and_follow_the_rotated_negatives(tmp_pa
     assert any(len(negs) == 2 for negs in taken.values())  # the second epoch took another negative
 
 
-def test_mined_negatives_have_no_teacher_score(tmp_path):
-    """A scored source's mined negatives follow its own with NaN scores (left out of the KL term)."""
+@pytest.mark.parametrize("first", ["own", "mined"])
+def test_mined_negatives_have_no_teacher_score(tmp_path, first):
+    """A scored source's mined negatives get NaN scores (left out of the KL term), and each of the row's own
+    documents keeps its own score wherever mine.first puts it: after the own negative, or before it."""
+    from transformers import AutoTokenizer
+
     from koe5.data.dataset import load_training_data
 
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-ko-bert"))
     rows = scored_rows(30, lambda i: 1)
     path = write_jsonl(tmp_path / "scored.jsonl", rows)
     spec = expand(QUICKSTART, [f"data.sources=[{{path: {path}, fields: {{scores: scores}}, "
-                               "mine: {negatives: 2, ranks: [2, 30], margin: 0.9999}}]", "data.hard_negatives=2",
-                               "train.batch_size=8", "cache.chunk_size=8", "loss.distill_weight=1"])[0].spec
-    t = load_training_data(spec).sources[0]
-    mined = 0
+                               f"mine: {{negatives: 2, ranks: [2, 30], margin: 0.9999, first: {first}}}}}]",
+                               "data.hard_negatives=2", "train.batch_size=8", "cache.chunk_size=8",
+                               "loss.distill_weight=1"])[0].spec
+    t = load_training_data(spec, tok).sources[0]
+    mined = own_behind = 0
     for row in range(t.n_rows):
         start, end = int(t.rows_docs[row]), int(t.rows_docs[row + 1])
         scores = t.docs_score[start:end].tolist()
-        assert scores[:2] == rows[row]["scores"]  # the positive's and the own negative's, as written
-        assert all(math.isnan(x) for x in scores[2:])
-        mined += end - start - 2
+        negatives = [tuple(t.doc(j).tolist()) for j in range(start + 1, end)]
+        own = tuple(tok("passage: " + rows[row]["hard_negative"][0], truncation=True,
+                        max_length=spec.model.passage_max_len)["input_ids"])
+        assert scores[0] == rows[row]["scores"][0]  # the positive's
+        for doc, score in zip(negatives, scores[1:]):
+            assert score == rows[row]["scores"][1] if doc == own else math.isnan(score)
+        assert own in negatives
+        if first == "own":
+            assert negatives.index(own) == 0  # the own negative leads
+        own_behind += len(negatives) > 1 and negatives.index(own) == len(negatives) - 1
+        mined += len(negatives) - 1
     assert mined > 0
+    if first == "mined":
+        assert own_behind > 0  # behind the mined ones (unless mining picked it itself)
 
 
 @pytest.mark.parametrize("line3,error", [
