@@ -62,11 +62,11 @@ def mine_source(source, spec, triples: list[Triple], notes: dict, encoder=None) 
     mined = {row["query"]: row["hard_negative"] for row in rows}  # per query text, as mine() groups them
     out = []
     for t in triples:
-        picked = mined.get(t.query, ())
+        picked = tuple(mined.get(t.query, ()))
         if m.first == "mined":
-            negatives = tuple(picked) + tuple(n for n in t.hard_negatives if n not in set(picked))
+            negatives = picked + tuple(n for n in t.hard_negatives if n not in picked)
         else:
-            negatives = t.hard_negatives + tuple(n for n in picked if n not in set(t.hard_negatives))
+            negatives = t.hard_negatives + tuple(n for n in picked if n not in t.hard_negatives)
         scores = None
         if t.scores is not None:  # the teacher scored the row's own documents; a mined one gets NaN
             own = dict(zip(t.hard_negatives, t.scores[len(t.positives):]))
